@@ -1,0 +1,69 @@
+// The contract shared by every rotary kernel (CPU and CUDA): what a kernel is given, already checked.
+//
+// q and k are viewed as [batch, seq, heads, head_dim] with arbitrary strides (in elements). A kernel
+// rotates, for every token (b, s) at position m = positions[b, s], the first `rotated_pairs` pairs of the
+// first `rotary_dim` channels of every q and k head:
+//   (x1, x2) -> (x1*c - x2*s, x2*c + x1*s), with c = scale*cos(m*w_i), s = scale*sin(m*w_i)
+// (s negated when `inverse`: the backward map, since a rotation's transpose is the opposite rotation). Pair i is (x[i], x[i + rotary_dim/2]) half-split, or
+// (x[2i], x[2i+1]) interleaved. Out of place, every other channel is copied; in place it is not touched.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define POSENC_HD __host__ __device__ __forceinline__
+#else
+#define POSENC_HD inline
+#endif
+
+namespace posenc {
+
+constexpr int kMaxHeadDim = 512;
+
+struct RotaryTensor {
+  void* data;
+  int64_t heads;
+  int64_t stride[4];  // batch, seq, head, channel
+};
+
+struct RotaryParams {
+  RotaryTensor q_in, k_in, q_out, k_out;  // *_out aliases *_in when in place
+  int64_t batch, seqlen, head_dim;
+  const int64_t* positions;  // [batch, seq] with strides pos_stride (batch stride may be 0)
+  int64_t pos_stride[2];
+  // Angle source, exactly one of:
+  //  - tables: float32 cos/sin [table_rows, >= rotated_pairs], row stride table_stride, indexed by position
+  //  - inv_freq: float64 [>= rotated_pairs]; angle = position * inv_freq formed and reduced mod 2*pi in
+  //    float64 before a float32 sin/cos, so it stays accurate at any position.
+  const float* cos;
+  const float* sin;
+  int64_t table_rows, table_stride;
+  const double* inv_freq;
+  float scale;  // multiplies cos and sin (YaRN / LongRoPE attention scaling); 1 otherwise
+  int rotary_dim, rotated_pairs;
+  bool interleaved, inverse, inplace;
+};
+
+// cos/sin of pair i at position pos, including scale and the sign for the inverse map. Acc is the
+// arithmetic type: float for float32/16/bf16 storage, double for float64 storage (used by gradcheck).
+template <typename Acc>
+POSENC_HD void pair_cos_sin(const RotaryParams& p, int64_t pos, int i, Acc& c, Acc& s) {
+  if (p.inv_freq != nullptr) {
+    const double two_pi = 6.283185307179586476925286766559;
+    double a = static_cast<double>(pos) * p.inv_freq[i];
+    a -= two_pi * rint(a * (1.0 / two_pi));  // |a| <= pi: float32 sin/cos are then accurate
+#ifdef __CUDACC__
+    sincos(static_cast<Acc>(a), &s, &c);
+#else
+    c = std::cos(static_cast<Acc>(a));
+    s = std::sin(static_cast<Acc>(a));
+#endif
+  } else {
+    c = p.cos[pos * p.table_stride + i];
+    s = p.sin[pos * p.table_stride + i];
+  }
+  c *= p.scale;
+  s *= p.inverse ? -p.scale : p.scale;
+}
+
+}  // namespace posenc

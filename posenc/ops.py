@@ -1,0 +1,347 @@
+"""The fused rotary op: schema, reference implementation, fake kernel, autograd, and the checked entry point.
+
+One op rotates q and k together (one launch), in two registered forms:
+
+    posenc::rotary(q, k, cos?, sin?, inv_freq?, positions, scale, rotary_dim, rotated_pairs,
+                   interleaved, inverse) -> (q_out, k_out)
+    posenc::rotary_(q!, k!, ...same...) -> ()                     # in place; the schema declares the mutation
+
+q, k: [batch, seq, heads, head_dim], any strides. positions: int64 [batch, seq] (batch stride may be 0).
+The angle of pair i at position m comes from float32 tables (cos[m, i], sin[m, i]) or from float64 inverse
+frequencies (m * inv_freq[i], reduced modulo 2*pi in float64 before a float32 sin/cos). `rotated_pairs`
+pairs (from the fastest) rotate; the others are copied out of place and left untouched in place.
+Arithmetic is float32 for float32/16/bf16 storage (float64 for float64, which gradcheck uses).
+
+`rotary_reference` below is the specification: the C++ (CPU) and CUDA kernels in csrc/ are tested against it,
+and it serves the op when the extension cannot be loaded. Users call `apply_rotary`, which checks its
+arguments and raises ValueError/TypeError naming the culprit.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+
+__all__ = ["apply_rotary", "rotary_reference", "backend", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 512
+_ARGS = ("Tensor? cos, Tensor? sin, Tensor? inv_freq, Tensor positions, float scale, int rotary_dim, "
+         "int rotated_pairs, bool interleaved, bool inverse")
+
+_lib = torch.library.Library("posenc", "DEF")
+_lib.define(f"rotary(Tensor q, Tensor k, {_ARGS}) -> (Tensor, Tensor)")
+_lib.define(f"rotary_(Tensor(a!) q, Tensor(b!) k, {_ARGS}) -> ()")
+
+
+# --------------------------------------------------------------------------------------------- reference
+def reference_cos_sin(cos, sin, inv_freq, positions, scale, rotated_pairs, inverse, acc_dtype=torch.float32):
+    """Per-token cos/sin [batch, seq, rotated_pairs] exactly as the kernels form them."""
+    n = rotated_pairs
+    if inv_freq is not None:
+        angle = positions.to(torch.float64)[..., None] * inv_freq[:n].to(torch.float64)
+        angle = angle - 2 * math.pi * torch.round(angle / (2 * math.pi))
+        angle = angle.to(acc_dtype)
+        c, s = torch.cos(angle), torch.sin(angle)
+    else:
+        c = cos[positions][..., :n].to(acc_dtype)
+        s = sin[positions][..., :n].to(acc_dtype)
+    return c * scale, s * (-scale if inverse else scale)
+
+
+def rotary_reference(q, k, cos, sin, inv_freq, positions, scale, rotary_dim, rotated_pairs, interleaved,
+                     inverse):
+    """The op's specification in plain PyTorch: returns new (q_out, k_out), inputs untouched."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c, s = reference_cos_sin(cos, sin, inv_freq, positions, scale, rotated_pairs, inverse, acc)
+    c, s = c[:, :, None, :], s[:, :, None, :]  # broadcast over heads
+    n, half = rotated_pairs, rotary_dim // 2
+
+    def rotate(x):
+        out = x.clone()
+        if interleaved:
+            first, second = slice(0, 2 * n, 2), slice(1, 2 * n, 2)
+        else:
+            first, second = slice(0, n), slice(half, half + n)
+        x1, x2 = x[..., first].to(acc), x[..., second].to(acc)
+        out[..., first] = (x1 * c - x2 * s).to(x.dtype)
+        out[..., second] = (x2 * c + x1 * s).to(x.dtype)
+        return out
+
+    return rotate(q), rotate(k)
+
+
+def _reference_inplace(q, k, *args):
+    q_out, k_out = rotary_reference(q, k, *args)
+    q.copy_(q_out)
+    k.copy_(k_out)
+
+
+# ------------------------------------------------------------------------------------ backend selection
+def _load_extension():
+    """Imports posenc._C (registers the C++/CUDA kernels). Returns (loaded, reason)."""
+    if os.environ.get("POSENC_DISABLE_EXTENSION") == "1":
+        return False, "POSENC_DISABLE_EXTENSION=1"
+    try:
+        from posenc import _C  # noqa: F401  (imported for its registrations)
+    except Exception as exc:  # ImportError, or an undefined symbol from a torch version mismatch
+        if os.environ.get("POSENC_REQUIRE_EXTENSION") == "1":
+            raise ImportError(f"POSENC_REQUIRE_EXTENSION=1 but posenc._C failed to load: {exc}") from exc
+        warnings.warn(f"posenc: the compiled rotary op did not load ({exc}); using the pure-PyTorch "
+                      "reference. Build it with `pip install --no-build-isolation -e .`.", stacklevel=3)
+        return False, f"posenc._C failed to load: {exc}"
+    return True, "posenc._C loaded"
+
+
+_EXTENSION, _EXTENSION_REASON = _load_extension()
+
+
+def _has_kernel(key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("posenc::rotary", key)
+
+
+_HAS_CPU_KERNEL, _HAS_CUDA_KERNEL = _has_kernel("CPU"), _has_kernel("CUDA")
+for _key, _has in (("CPU", _HAS_CPU_KERNEL), ("CUDA", _HAS_CUDA_KERNEL)):
+    if not _has:  # the reference serves wherever no compiled kernel was registered
+        _lib.impl("rotary", rotary_reference, _key)
+        _lib.impl("rotary_", _reference_inplace, _key)
+
+
+def backend(device: str | torch.device = "cpu") -> str:
+    """Which implementation of the rotary op runs on `device`, and why."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        has = _HAS_CPU_KERNEL
+        name = "C++ CPU kernel (posenc._C)"
+    elif kind == "cuda":
+        has = _HAS_CUDA_KERNEL
+        name = "CUDA kernel (posenc._C)"
+        if not has and _EXTENSION:
+            return "pure-PyTorch reference on cuda: posenc._C was built without CUDA (CPU-only torch or no nvcc)"
+    else:
+        return f"pure-PyTorch reference on {kind}: no compiled kernel for this device"
+    return name if has else f"pure-PyTorch reference on {kind}: {_EXTENSION_REASON}"
+
+
+# ------------------------------------------------------------------------------------- fake + autograd
+@torch.library.register_fake("posenc::rotary")
+def _rotary_fake(q, k, *args):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.register_fake("posenc::rotary_")
+def _rotary_inplace_fake(q, k, *args):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.rest = inputs[2:-1]  # tables/frequencies, positions and the scalars, all but `inverse`
+    ctx.inverse = inputs[-1]
+
+
+def _backward(ctx, grad_q, grad_k):
+    # The map is linear in q and k and orthogonal up to `scale`: its transpose is the opposite rotation.
+    grad_q, grad_k = torch.ops.posenc.rotary(grad_q, grad_k, *ctx.rest, not ctx.inverse)
+    return (grad_q, grad_k) + (None,) * 9
+
+
+torch.library.register_autograd("posenc::rotary", _backward, setup_context=_setup_context)
+
+
+class _RotaryInplace(torch.autograd.Function):
+    """In-place rotation inside autograd: marks q and k dirty (version bump) so autograd sees the write."""
+
+    @staticmethod
+    def forward(ctx, q, k, *rest):
+        torch.ops.posenc.rotary_(q, k, *rest)
+        ctx.mark_dirty(q, k)
+        ctx.rest = rest[:-1]
+        ctx.inverse = rest[-1]
+        return q, k
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        grad_q, grad_k = torch.ops.posenc.rotary(grad_q, grad_k, *ctx.rest, not ctx.inverse)
+        return (grad_q, grad_k) + (None,) * 9
+
+
+# ----------------------------------------------------------------------------------------- entry point
+def _tracing() -> bool:
+    """True under torch.compile or CUDA-graph capture, where data-dependent checks cannot run."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_tensor(name, t, *, float_only=True):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if float_only and not t.is_floating_point():
+        raise TypeError(f"{name} must be a float32, float16 or bfloat16 tensor, got {t.dtype}")
+
+
+def _positions_from_cu_seqlens(cu_seqlens, total, device):
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise TypeError("cu_seqlens must be a 1-D integer tensor [num_sequences + 1]")
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    if not _tracing():
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the number of tokens "
+                             f"({total}), got {cu_seqlens.tolist()}")
+    lengths = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)
+    return torch.arange(total, device=device) - starts
+
+
+def _table_half(name, t, rotary_dim, interleaved):
+    """cos/sin as transformers builds them ([..., rotary_dim], halves duplicated) or half width
+    ([..., rotary_dim/2]) -> the float32 half the kernel reads."""
+    if t.shape[-1] == rotary_dim:
+        t = t[..., ::2] if interleaved else t[..., : rotary_dim // 2]
+    elif t.shape[-1] != rotary_dim // 2:
+        raise ValueError(f"{name} must end in rotary_dim={rotary_dim} (halves duplicated) or "
+                         f"rotary_dim/2={rotary_dim // 2} channels, got shape {tuple(t.shape)}")
+    t = t.to(torch.float32)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, scale=1.0, rotary_dim=None,
+                 rotated_pairs=None, interleaved=False, layout="bshd", inplace=False, cu_seqlens=None,
+                 inverse=False):
+    """Rotate q and k together with the fused op; returns (q_out, k_out) in the input layout.
+
+    q: [batch, seq, q_heads, head_dim] ("bshd"), or [batch, heads, seq, head_dim] with layout="bhsd", or
+       [total_tokens, heads, head_dim] for packed sequences with cu_seqlens; k the same with its own heads.
+    Angles come from either
+      cos, sin: tables as transformers builds them, last dim rotary_dim (halves duplicated) or rotary_dim/2.
+        With positions=None they hold one row per token: [seq, R] or [batch, seq, R].
+        With positions they are [rows, R] tables indexed by position.
+      inv_freq: [rotary_dim/2] inverse frequencies (any float dtype; angles formed in float64).
+    positions: int [seq] or [batch, seq] (per-row offsets, left padding, KV-cache decoding); default 0..seq-1,
+      or per-sequence 0..len-1 with cu_seqlens.
+    scale multiplies cos and sin (YaRN/LongRoPE attention factor). rotary_dim (default head_dim) channels
+    take part; the first rotated_pairs (default all) pairs rotate. inplace=True writes into q and k (also
+    inside autograd, which the op's schema and a version bump tell about) and returns them.
+    """
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
+    if layout not in ("bshd", "bhsd"):
+        raise ValueError(f"layout must be 'bshd' or 'bhsd', got {layout!r}")
+    packed = cu_seqlens is not None
+    want_dim = 3 if packed else 4
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != want_dim:
+            expected = "[tokens, heads, head_dim] with cu_seqlens" if packed else (
+                "[batch, seq, heads, head_dim]" if layout == "bshd" else "[batch, heads, seq, head_dim]")
+            raise ValueError(f"{name} must be {expected}, got shape {tuple(t.shape)}")
+    if packed:
+        q4, k4 = q.unsqueeze(0), k.unsqueeze(0)
+    elif layout == "bhsd":
+        q4, k4 = q.transpose(1, 2), k.transpose(1, 2)
+    else:
+        q4, k4 = q, k
+    batch, seq, _, head_dim = q4.shape
+    for i, what in ((0, "batch"), (1, "seq"), (3, "head_dim")):
+        if k4.shape[i] != q4.shape[i]:
+            raise ValueError(f"q and k must agree on {what}, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if head_dim % 2 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be even and at most {MAX_HEAD_DIM}, got {head_dim}")
+    rotary_dim = head_dim if rotary_dim is None else int(rotary_dim)
+    if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
+    rotated_pairs = rotary_dim // 2 if rotated_pairs is None else int(rotated_pairs)
+    if not 0 <= rotated_pairs <= rotary_dim // 2:
+        raise ValueError(f"rotated_pairs must be in [0, rotary_dim/2={rotary_dim // 2}], got {rotated_pairs}")
+    if inplace and torch.is_grad_enabled():
+        for name, t in (("q", q), ("k", k)):
+            if t.is_leaf and t.requires_grad:
+                raise ValueError(f"inplace=True cannot write into {name}: it is a leaf tensor that requires "
+                                 "grad; use inplace=False or pass a non-leaf tensor")
+
+    device = q.device
+    if positions is not None:
+        _check_tensor("positions", positions, float_only=False)
+        if positions.is_floating_point() or positions.dtype == torch.bool or positions.is_complex():
+            raise TypeError(f"positions must be an integer tensor, got {positions.dtype}")
+        if positions.device != device:
+            raise ValueError(f"positions must be on q's device {device}, got {positions.device}")
+        if packed:
+            ok_shapes = [(seq,), (1, seq)]
+        else:
+            ok_shapes = [(seq,), (batch, seq), (1, seq)]
+        if tuple(positions.shape) not in ok_shapes:
+            raise ValueError(f"positions must be shaped [seq={seq}] or [batch={batch}, seq={seq}], "
+                             f"got {tuple(positions.shape)}")
+
+    if inv_freq is not None:
+        if cos is not None or sin is not None:
+            raise ValueError("give either cos and sin, or inv_freq, not both")
+        _check_tensor("inv_freq", inv_freq)
+        if inv_freq.dim() != 1 or inv_freq.shape[0] != rotary_dim // 2:
+            raise ValueError(f"inv_freq must be [rotary_dim/2={rotary_dim // 2}], got {tuple(inv_freq.shape)}")
+        if inv_freq.device != device:
+            raise ValueError(f"inv_freq must be on q's device {device}, got {inv_freq.device}")
+        inv_freq = inv_freq.to(torch.float64).contiguous()
+        tables = (None, None)
+    else:
+        if cos is None or sin is None:
+            raise ValueError("give cos and sin tables, or inv_freq")
+        _check_tensor("cos", cos)
+        _check_tensor("sin", sin)
+        if cos.shape != sin.shape:
+            raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+        for name, t in (("cos", cos), ("sin", sin)):
+            if t.device != device:
+                raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+            if t.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"{name} requires grad, but the op treats cos/sin tables as constants")
+        if positions is None:  # one row per token: [seq, R] or [batch, seq, R]
+            if cos.dim() == 2 and cos.shape[0] == seq:
+                rows, positions = cos, torch.arange(seq, device=device)
+            elif cos.dim() == 3 and cos.shape[:2] in ((batch, seq), (1, seq)):
+                rows = cos.reshape(-1, cos.shape[-1])
+                positions = torch.arange(rows.shape[0], device=device).view(cos.shape[0], seq)
+            else:
+                raise ValueError(f"without positions, cos/sin must be [seq={seq}, R] or [batch={batch}, seq={seq}, R]"
+                                 f" (one row per token), got {tuple(cos.shape)}")
+            tables = (_table_half("cos", rows, rotary_dim, interleaved),
+                      _table_half("sin", sin.reshape(rows.shape), rotary_dim, interleaved))
+        else:
+            if cos.dim() != 2:
+                raise ValueError(f"with positions, cos/sin must be [rows, R] tables indexed by position, "
+                                 f"got {tuple(cos.shape)}")
+            tables = (_table_half("cos", cos, rotary_dim, interleaved),
+                      _table_half("sin", sin, rotary_dim, interleaved))
+            if not _tracing() and positions.numel():
+                lo, hi = int(positions.min()), int(positions.max())
+                if lo < 0 or hi >= cos.shape[0]:
+                    raise ValueError(f"positions must lie in [0, {cos.shape[0]}) (the rows of cos/sin), "
+                                     f"got values in [{lo}, {hi}]")
+
+    if positions is None:
+        positions = (_positions_from_cu_seqlens(cu_seqlens, seq, device) if packed
+                     else torch.arange(seq, device=device))
+    positions = positions.to(torch.int64)
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0)
+    positions = positions.expand(batch, seq)
+
+    args = (*tables, inv_freq, positions, float(scale), rotary_dim, rotated_pairs, bool(interleaved),
+            bool(inverse))
+    if inplace:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            _RotaryInplace.apply(q4, k4, *args)
+        else:
+            torch.ops.posenc.rotary_(q4, k4, *args)
+        return q, k
+    q_out, k_out = torch.ops.posenc.rotary(q4, k4, *args)
+    if packed:
+        return q_out.squeeze(0), k_out.squeeze(0)
+    if layout == "bhsd":
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+    return q_out, k_out
