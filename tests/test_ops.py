@@ -1,0 +1,198 @@
+"""The fused op on the CPU: kernel == reference, registration (opcheck), gradients, compile, strides."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import posenc
+from posenc.ops import rotary_reference
+from helpers import assert_close_to_64, rotate64
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def op_args(head_dim=64, pairs=None, rotary_dim=None, tables=False, batch=2, seq=5, scale=1.0,
+            interleaved=False, inverse=False, large=False):
+    rotary_dim = rotary_dim or head_dim
+    pairs = rotary_dim // 2 if pairs is None else pairs
+    positions = torch.randint(0, 150_000 if large else 100, (batch, 1)) + torch.arange(seq)
+    inv = 10_000.0 ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    if tables:
+        rows = int(positions.max()) + 1
+        angle = torch.arange(rows, dtype=torch.float64)[:, None] * inv
+        cos, sin, inv = angle.cos().float(), angle.sin().float(), None
+    else:
+        cos = sin = None
+    return (cos, sin, inv, positions, scale, rotary_dim, pairs, interleaved, inverse)
+
+
+@pytest.mark.skipif(not posenc.ops._HAS_CPU_KERNEL, reason="C++ kernel not built")
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("tables", [False, True])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("head_dim,rotary_dim,pairs", [(64, None, None), (80, 48, 20), (512, None, 64), (128, 128, 0)])
+def test_cpu_kernel_equals_reference(dtype, tables, interleaved, head_dim, rotary_dim, pairs):
+    args = op_args(head_dim, pairs, rotary_dim, tables, interleaved=interleaved, large=True, scale=1.25)
+    q, k = torch.randn(2, 5, 3, head_dim).to(dtype), torch.randn(2, 5, 1, head_dim).to(dtype)
+    got = torch.ops.posenc.rotary(q, k, *args)
+    want = rotary_reference(q, k, *args)
+    for g, w in zip(got, want):
+        # Same float32 formula; sin/cos libraries may differ by an ulp, which rounding to float32 can show.
+        tol = 0 if dtype in (torch.float16, torch.bfloat16) and tables else 2 * torch.finfo(dtype).eps
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol * 8)
+    q2, k2 = q.clone(), k.clone()
+    torch.ops.posenc.rotary_(q2, k2, *args)
+    assert torch.equal(q2, got[0]) and torch.equal(k2, got[1])
+
+
+@pytest.mark.parametrize("tables", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_opcheck(tables, inplace):
+    args = op_args(64, 24, tables=tables)
+    q = torch.randn(2, 5, 4, 64, requires_grad=not inplace)
+    k = torch.randn(2, 5, 2, 64, requires_grad=not inplace)
+    op = torch.ops.posenc.rotary_.default if inplace else torch.ops.posenc.rotary.default
+    torch.library.opcheck(op, (q, k, *args))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("kind", ["rope", "hope"])
+def test_gradcheck_float64(interleaved, kind):
+    enc = posenc.get_encoding(kind, head_dim=32, interleaved=interleaved,
+                              **({"context_length": 64} if kind == "hope" else {}))
+    positions = torch.randint(0, 1000, (2, 1)) + torch.arange(3)
+    q = torch.randn(2, 3, 2, 32, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 1, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: enc.apply(a, b, positions), (q, k))
+    assert torch.autograd.gradgradcheck(lambda a, b: enc.apply(a, b, positions), (q, k))
+
+
+def test_inplace_inside_autograd():
+    enc = posenc.RoPE(64)
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(2, 5, 3, 64)
+    positions = torch.arange(5)
+
+    def loss(inplace):
+        q = x @ w
+        k = (x @ w)[:, :, :1]
+        version = q._version
+        q2, k2 = enc.apply(q, k.clone(), positions, inplace=inplace)
+        if inplace:
+            assert q2 is q and q._version > version  # autograd was told about the write
+        return (q2.square() * torch.arange(64.0)).sum() + k2.sum()
+
+    g_out = torch.autograd.grad(loss(False), w)[0]
+    g_in = torch.autograd.grad(loss(True), w)[0]
+    torch.testing.assert_close(g_in, g_out)
+
+
+def test_backward_matches_float64_transpose():
+    enc = posenc.PRoPE(64, p=0.5)
+    positions = torch.tensor([[7, 90_000, 3]])
+    q = torch.randn(1, 3, 2, 64, requires_grad=True)
+    k = torch.randn(1, 3, 1, 64, requires_grad=True)
+    gq, gk = torch.randn(1, 3, 2, 64), torch.randn(1, 3, 1, 64)
+    q2, k2 = enc.apply(q, k, positions)
+    torch.autograd.backward([q2, k2], [gq, gk])
+    inv = enc.inv_freq64
+    # The transpose of a rotation by +theta is the rotation by -theta.
+    want_q = rotate64(gq, -positions, inv)
+    assert_close_to_64(q.grad, want_q, gq, torch.float32)
+    assert_close_to_64(k.grad, rotate64(gk, -positions, inv), gk, torch.float32)
+
+
+def test_torch_compile_fullgraph():
+    enc = posenc.HoPE(64, context_length=256)
+
+    def f(q, k, positions):
+        q2, k2 = enc.apply(q, k, positions)
+        return (q2 * 2).sum(-1), k2 + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    q, k = torch.randn(2, 6, 4, 64, requires_grad=True), torch.randn(2, 6, 2, 64)
+    positions = torch.randint(0, 5000, (2, 6))
+    for a, b in zip(compiled(q, k, positions), f(q, k, positions)):
+        torch.testing.assert_close(a, b)
+    compiled(q, k, positions)[0].sum().backward()
+    assert q.grad is not None
+
+
+def test_packed_varlen_equals_per_sequence():
+    enc = posenc.RoPE(64)
+    lengths = [3, 1, 6]
+    q, k = torch.randn(sum(lengths), 4, 64), torch.randn(sum(lengths), 2, 64)
+    cu = torch.tensor([0, 3, 4, 10], dtype=torch.int32)
+    q2, k2 = enc.apply(q, k, cu_seqlens=cu)
+    start = 0
+    for n in lengths:
+        qs, ks = enc.apply(q[None, start:start + n], k[None, start:start + n])
+        assert torch.equal(q2[start:start + n], qs[0]) and torch.equal(k2[start:start + n], ks[0])
+        start += n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transformers_tables_match_apply_rotary_pos_emb(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    enc = posenc.RoPE(64)
+    positions = torch.randint(0, 4000, (2, 1)) + torch.arange(7)
+    cos, sin = enc.cos_sin(positions, dtype=dtype)  # [b, s, 64] as transformers builds them
+    q, k = torch.randn(2, 4, 7, 64).to(dtype), torch.randn(2, 1, 7, 64).to(dtype)  # bhsd, as HF passes
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, cos, sin)
+    ours = posenc.apply_rotary(q, k, cos, sin, layout="bhsd")
+    for x, hf, o in ((q, hf_q, ours[0]), (k, hf_k, ours[1])):
+        exact = rotate64(x, positions, enc.inv_freq64, layout="bhsd")
+        # fp32 math on the same tables: never further from float64 than transformers' own arithmetic
+        # (dtype tables themselves carry one rounding step, hence the 4 steps).
+        assert (o.double() - exact).abs().max() <= (hf.double() - exact).abs().max() + 1e-12
+        assert_close_to_64(o, exact, x, dtype, factor=4.0)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(1, 3), seq=st.integers(1, 6), hq=st.integers(1, 5), hk=st.integers(1, 3),
+    half=st.integers(1, 40), rot_frac=st.floats(0.1, 1.0), pair_frac=st.floats(0.0, 1.0),
+    interleaved=st.booleans(), transpose=st.booleans(), sliced=st.booleans(), inplace=st.booleans(),
+    dtype=st.sampled_from(DTYPES), tables=st.booleans(), max_pos=st.sampled_from([10, 1000, 300_000]),
+    data=st.data(),
+)
+def test_property_random_shapes_and_strides(batch, seq, hq, hk, half, rot_frac, pair_frac, interleaved,
+                                            transpose, sliced, inplace, dtype, tables, max_pos, data):
+    head_dim = 2 * half
+    rotary_dim = max(2, 2 * int(half * rot_frac))
+    pairs = int(rotary_dim // 2 * pair_frac)
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(heads):
+        if transpose:  # a bhsd-contiguous buffer seen as bshd
+            x = torch.randn(batch, heads, seq, head_dim + 2 * sliced, generator=gen).transpose(1, 2)
+        else:
+            x = torch.randn(batch, seq, heads, head_dim + 2 * sliced, generator=gen)
+        return (x[..., 1:head_dim + 1] if sliced else x).to(dtype)  # sliced: odd offset, non-unit row stride
+
+    q, k = make(hq), make(hk)
+    positions = torch.randint(0, max_pos, (batch, seq), generator=gen)
+    inv = 10_000.0 ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    inv[pairs:] = 0
+    kwargs = dict(rotary_dim=rotary_dim, rotated_pairs=pairs, interleaved=interleaved, inplace=inplace)
+    if tables:
+        angle = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv
+        cos, sin = angle.cos().float(), angle.sin().float()
+        src = dict(cos=cos, sin=sin)
+        inv64 = inv  # compare with the exact angles: the float32 tables add one float32 rounding
+    else:
+        src = dict(inv_freq=inv)
+        inv64 = inv
+    q0, k0 = q.clone(), k.clone()
+    q2, k2 = posenc.apply_rotary(q, k, positions=positions, **src, **kwargs)
+    if inplace:
+        assert q2 is q and k2 is k
+    else:
+        assert torch.equal(q, q0) and torch.equal(k, k0)
+    for x, out in ((q0, q2), (k0, k2)):
+        want = rotate64(x, positions, inv64, rotary_dim, interleaved)
+        assert_close_to_64(out, want, x, dtype, rotary_dim, interleaved, factor=3.0 if tables else 2.0)
