@@ -13,24 +13,65 @@
 namespace posenc {
 namespace {
 
+// Conversions the vectoriser can see through (c10's float->bfloat16 branches on NaN, which blocks it).
+template <typename T, typename Acc>
+inline T store_as(Acc v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 store_as<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest, ties to even
+  rounded = (v != v) ? 0x7FC0u : rounded;                       // NaN stays a (quiet) NaN
+  return c10::BFloat16(static_cast<uint16_t>(rounded), c10::BFloat16::from_bits());
+}
+template <typename T, typename Acc>
+inline Acc load_as(T v) {
+  return static_cast<Acc>(v);
+}
+template <>
+inline float load_as<c10::BFloat16, float>(c10::BFloat16 v) {
+  uint32_t u = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// out[i] = x1*c - x2*s, out[h+i] = x2*c + x1*s over staged (local) copies of the inputs. Every pointer is
+// restrict-qualified, which is what lets the compiler vectorise; staging makes that true in place too.
+template <typename T, typename Acc>
+void mix_halves(const Acc* __restrict__ x1, const Acc* __restrict__ x2, const Acc* __restrict__ c,
+                const Acc* __restrict__ s, T* __restrict__ o1, T* __restrict__ o2, int n) {
+  for (int i = 0; i < n; ++i) {
+    o1[i] = store_as<T, Acc>(x1[i] * c[i] - x2[i] * s[i]);
+    o2[i] = store_as<T, Acc>(x2[i] * c[i] + x1[i] * s[i]);
+  }
+}
+
+template <typename T, typename Acc>
+void stage(const T* __restrict__ in, Acc* __restrict__ buf, int n) {
+  for (int i = 0; i < n; ++i) buf[i] = load_as<T, Acc>(in[i]);
+}
+
 // Rotates one head row. kUnit: both rows have unit channel stride (the common, vectorisable case).
+// buf: scratch of kMaxHeadDim elements.
 template <typename T, bool kUnit, typename Acc = at::opmath_type<T>>
 void rotate_row(const RotaryParams& p, const T* in, int64_t si, T* out, int64_t so, const Acc* c,
-                const Acc* s) {
-  if (kUnit) si = so = 1;
+                const Acc* s, Acc* buf) {
   const int n = p.rotated_pairs;
-  if (p.interleaved) {
-    for (int i = 0; i < n; ++i) {
-      const Acc x1 = static_cast<Acc>(in[2 * i * si]), x2 = static_cast<Acc>(in[(2 * i + 1) * si]);
-      out[2 * i * so] = static_cast<T>(x1 * c[i] - x2 * s[i]);
-      out[(2 * i + 1) * so] = static_cast<T>(x2 * c[i] + x1 * s[i]);
-    }
+  const int64_t h = p.rotary_dim / 2;
+  if (kUnit && !p.interleaved) {
+    stage(in, buf, n);
+    stage(in + h, buf + n, n);
+    mix_halves(buf, buf + n, c, s, out, out + h, n);
   } else {
-    const int64_t h = p.rotary_dim / 2;
+    if (kUnit) si = so = 1;
+    const int64_t step = p.interleaved ? 2 : 1, second = p.interleaved ? 1 : h;
     for (int i = 0; i < n; ++i) {
-      const Acc x1 = static_cast<Acc>(in[i * si]), x2 = static_cast<Acc>(in[(i + h) * si]);
-      out[i * so] = static_cast<T>(x1 * c[i] - x2 * s[i]);
-      out[(i + h) * so] = static_cast<T>(x2 * c[i] + x1 * s[i]);
+      const Acc x1 = static_cast<Acc>(in[i * step * si]), x2 = static_cast<Acc>(in[(i * step + second) * si]);
+      out[i * step * so] = static_cast<T>(x1 * c[i] - x2 * s[i]);
+      out[(i * step + second) * so] = static_cast<T>(x2 * c[i] + x1 * s[i]);
     }
   }
   if (p.inplace) return;  // channels that do not rotate are left alone in place, copied out of place
@@ -45,7 +86,6 @@ void rotate_row(const RotaryParams& p, const T* in, int64_t si, T* out, int64_t 
   if (p.interleaved) {
     copy(2 * n, p.head_dim);
   } else {
-    const int64_t h = p.rotary_dim / 2;
     copy(n, h);
     copy(h + n, p.head_dim);
   }
@@ -53,7 +93,7 @@ void rotate_row(const RotaryParams& p, const T* in, int64_t si, T* out, int64_t 
 
 template <typename T, typename Acc = at::opmath_type<T>>
 void rotate_heads(const RotaryParams& p, const RotaryTensor& in, const RotaryTensor& out, int64_t b, int64_t t,
-                  const Acc* c, const Acc* s) {
+                  const Acc* c, const Acc* s, Acc* buf) {
   const T* base_in = static_cast<const T*>(in.data) + b * in.stride[0] + t * in.stride[1];
   T* base_out = static_cast<T*>(out.data) + b * out.stride[0] + t * out.stride[1];
   const bool unit = in.stride[3] == 1 && out.stride[3] == 1;
@@ -61,9 +101,9 @@ void rotate_heads(const RotaryParams& p, const RotaryTensor& in, const RotaryTen
     const T* row_in = base_in + hd * in.stride[2];
     T* row_out = base_out + hd * out.stride[2];
     if (unit) {
-      rotate_row<T, true>(p, row_in, 1, row_out, 1, c, s);
+      rotate_row<T, true>(p, row_in, 1, row_out, 1, c, s, buf);
     } else {
-      rotate_row<T, false>(p, row_in, in.stride[3], row_out, out.stride[3], c, s);
+      rotate_row<T, false>(p, row_in, in.stride[3], row_out, out.stride[3], c, s, buf);
     }
   }
 }
@@ -75,7 +115,7 @@ void rotary_cpu_kernel(const RotaryParams& p) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_token));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     using Acc = at::opmath_type<T>;
-    Acc c[kMaxHeadDim / 2], s[kMaxHeadDim / 2];
+    Acc c[kMaxHeadDim / 2], s[kMaxHeadDim / 2], buf[kMaxHeadDim];
     for (int64_t tok = begin; tok < end; ++tok) {
       const int64_t b = tok / p.seqlen, t = tok % p.seqlen;
       const int64_t pos = p.positions[b * p.pos_stride[0] + t * p.pos_stride[1]];
@@ -84,8 +124,8 @@ void rotary_cpu_kernel(const RotaryParams& p) {
                           " is outside the cos/sin table of ", p.table_rows, " rows");
       }
       for (int i = 0; i < p.rotated_pairs; ++i) pair_cos_sin(p, pos, i, c[i], s[i]);
-      rotate_heads<T>(p, p.q_in, p.q_out, b, t, c, s);
-      rotate_heads<T>(p, p.k_in, p.k_out, b, t, c, s);
+      rotate_heads<T>(p, p.q_in, p.q_out, b, t, c, s, buf);
+      rotate_heads<T>(p, p.k_in, p.k_out, b, t, c, s, buf);
     }
   });
 }
