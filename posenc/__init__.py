@@ -2,7 +2,11 @@
 from .ops import apply_rotary, backend, rotary_reference
 from .frequencies import ROPE_TYPES, rope_frequencies
 from .encodings import ENCODINGS, Encoding, HoPE, NoPE, PRoPE, RoPE, get_encoding
+from .attention import Attention, HoPEAttention, KVCache, NoPEAttention, PRoPEAttention, RoPEAttention
+from .models import TinyDecoder
 
 __version__ = "0.1.0"
 __all__ = ["apply_rotary", "backend", "rotary_reference", "ROPE_TYPES", "rope_frequencies", "Encoding", "RoPE",
            "PRoPE", "HoPE", "NoPE", "get_encoding", "ENCODINGS"]
+__all__ += ["Attention", "RoPEAttention", "PRoPEAttention", "HoPEAttention", "NoPEAttention", "KVCache",
+            "TinyDecoder"]
