@@ -12,14 +12,14 @@ HIDDEN, HEADS, HEAD_DIM = 64, 4, 16
 # 6.3, 19.9, 62.8 fit in 64), NoPE 0/8.
 ENCODINGS = {"rope": {}, "prope": {"p": 0.5}, "hope": {"context_length": 64}, "nope": {}}
 ROTATED = {"rope": 8, "prope": 4, "hope": 3, "nope": 0}
-TOL = dict(atol=1e-5, rtol=1e-5)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def make(name, num_kv_heads=2, backend="auto", bias=True, causal=True, **kw):
+def make(name, num_kv_heads=2, backend="auto", bias=True, causal=True, device="cpu", **kw):
     layer = posenc.Attention(HIDDEN, HEADS, num_kv_heads, encoding=name, bias=bias, causal=causal,
                              backend=backend, **ENCODINGS[name], **kw)
     assert layer.encoding.rotated_pairs == ROTATED[name]
-    return layer.eval()
+    return layer.to(device).eval()
 
 
 def close(a, b, tol=1e-5):
@@ -38,9 +38,10 @@ def name(request):
 
 # ------------------------------------------------------------------------------------------ cache decoding
 @torch.no_grad()
-def test_token_by_token_decoding_equals_full_forward(name):
-    layer = make(name)
-    x = torch.randn(2, 12, HIDDEN)
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_by_token_decoding_equals_full_forward(name, device):
+    layer = make(name, device=device)
+    x = torch.randn(2, 12, HIDDEN, device=device)
     full = layer(x)
     cache = posenc.KVCache()
     steps = torch.cat([layer(x[:, t:t + 1], cache=cache) for t in range(12)], 1)
@@ -98,12 +99,13 @@ def test_tiny_decoder_cache_and_generate(name):
 # -------------------------------------------------------------------------------------------------- padding
 @torch.no_grad()
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64])
-def test_left_padded_batch_equals_unpadded_rows(name, mask_dtype):
-    layer = make(name)
+@pytest.mark.parametrize("device", DEVICES)
+def test_left_padded_batch_equals_unpadded_rows(name, mask_dtype, device):
+    layer = make(name, device=device)
     lengths, S, new = [7, 4, 1], 7, 3
-    rows = [torch.randn(1, n + new, HIDDEN) for n in lengths]
-    x = torch.randn(3, S, HIDDEN)  # pads hold garbage, which must not leak anywhere
-    mask = torch.zeros(3, S, dtype=mask_dtype)
+    rows = [torch.randn(1, n + new, HIDDEN, device=device) for n in lengths]
+    x = torch.randn(3, S, HIDDEN, device=device)  # pads hold garbage, which must not leak anywhere
+    mask = torch.zeros(3, S, dtype=mask_dtype, device=device)
     for i, n in enumerate(lengths):
         x[i, S - n:] = rows[i][0, :n]
         mask[i, S - n:] = 1
@@ -113,8 +115,8 @@ def test_left_padded_batch_equals_unpadded_rows(name, mask_dtype):
     steps = []
     for t in range(new):
         xt = torch.stack([r[0, n + t] for r, n in zip(rows, lengths)])[:, None]
-        step_mask = torch.ones(3, 1, dtype=mask_dtype) if t % 2 else torch.cat(
-            [mask, torch.ones(3, t + 1, dtype=mask_dtype)], 1)
+        step_mask = torch.ones(3, 1, dtype=mask_dtype, device=device) if t % 2 else torch.cat(
+            [mask, torch.ones(3, t + 1, dtype=mask_dtype, device=device)], 1)
         steps.append(layer(xt, attention_mask=step_mask, cache=cache))
     for i, n in enumerate(lengths):
         ref = layer(rows[i])
@@ -139,10 +141,11 @@ def test_right_padding_and_all_pad_rows(name):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
-def test_padded_training_step_has_finite_gradients(name, backend):
-    layer = make(name, backend=backend).train()
-    x = torch.randn(2, 6, HIDDEN, requires_grad=True)
-    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_training_step_has_finite_gradients(name, backend, device):
+    layer = make(name, backend=backend, device=device).train()
+    x = torch.randn(2, 6, HIDDEN, requires_grad=True, device=device)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool, device=device)
     layer(x, attention_mask=mask).square().sum().backward()
     grads = [x.grad] + [p.grad for p in layer.parameters()]
     assert all(torch.isfinite(g).all() for g in grads)
@@ -216,10 +219,11 @@ def test_causality(name, backend):
 
 # ------------------------------------------------------------------------------------------------ backends
 @torch.no_grad()
-def test_sdpa_and_eager_agree(name):
-    layer = make(name, num_kv_heads=1)
-    x = torch.randn(3, 8, HIDDEN)
-    mask = torch.ones(3, 8, dtype=torch.bool)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sdpa_and_eager_agree(name, device):
+    layer = make(name, num_kv_heads=1, device=device)
+    x = torch.randn(3, 8, HIDDEN, device=device)
+    mask = torch.ones(3, 8, dtype=torch.bool, device=device)
     mask[1, :5] = False
     results = {}
     for backend in ("sdpa", "eager"):
@@ -230,7 +234,7 @@ def test_sdpa_and_eager_agree(name):
                                        layer(x[:, 5:], cache=cache)], 1))
     for a, b in zip(results["sdpa"], results["eager"]):
         close(a, b)
-    bidir = make(name, causal=False, backend="sdpa")
+    bidir = make(name, causal=False, backend="sdpa", device=device)
     ref = bidir(x, attention_mask=mask)
     bidir.backend = "eager"
     close(bidir(x, attention_mask=mask), ref)
@@ -318,9 +322,8 @@ def test_forced_flash_errors():
     A._import_flash = lambda: stub
     try:
         layer = posenc.Attention(HIDDEN, HEADS, backend="flash")
-        if not torch.cuda.is_available():
-            with pytest.raises(ValueError, match="backend='flash'.*CUDA"):
-                layer(torch.randn(1, 3, HIDDEN))
+        with pytest.raises(ValueError, match="backend='flash'.*CUDA"):
+            layer(torch.randn(1, 3, HIDDEN))  # CPU tensors
     finally:
         A._import_flash = old
 
