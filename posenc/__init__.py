@@ -10,3 +10,5 @@ __all__ = ["apply_rotary", "backend", "rotary_reference", "ROPE_TYPES", "rope_fr
            "PRoPE", "HoPE", "NoPE", "get_encoding", "ENCODINGS"]
 __all__ += ["Attention", "RoPEAttention", "PRoPEAttention", "HoPEAttention", "NoPEAttention", "KVCache",
             "TinyDecoder"]
+from .hf import is_patched, patch, unpatch  # transformers integration (imports transformers lazily)
+__all__ += ["patch", "unpatch", "is_patched"]
