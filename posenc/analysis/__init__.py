@@ -11,11 +11,11 @@ value-state drains and massive activations, measured with forward hooks on a tra
 from . import metrics
 from .capture import LayerCapture, UnsupportedModelError, attention_layers, capture
 from .metrics import (frequency_energy, frequency_norms, massive_activations, offset_ratio, outlier_pair,
-                      sink_is_top, sink_share, value_drain)
+                      sink_argmax_fraction, sink_share, value_drain)
 from .models import DEFAULT_TEXT, PRESETS, ModelLoadError, load_model, smollm2_gguf, tokenize
 from .report import analyze, layer_frequencies, plot_report, summarize, write_json
 
 __all__ = ["metrics", "LayerCapture", "UnsupportedModelError", "attention_layers", "capture", "frequency_energy",
-           "frequency_norms", "massive_activations", "offset_ratio", "outlier_pair", "sink_is_top", "sink_share", "value_drain",
+           "frequency_norms", "massive_activations", "offset_ratio", "outlier_pair", "sink_argmax_fraction", "sink_share", "value_drain",
            "DEFAULT_TEXT", "PRESETS", "ModelLoadError", "load_model", "smollm2_gguf", "tokenize", "analyze",
            "layer_frequencies", "plot_report", "summarize", "write_json"]

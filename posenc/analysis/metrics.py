@@ -14,7 +14,7 @@ import torch
 from ..frequencies import hope_keeps
 
 __all__ = ["rotary_pairs", "frequency_norms", "frequency_energy", "offset_ratio", "outlier_pair", "sink_share",
-           "sink_is_top", "value_drain", "massive_activations", "completes_period"]
+           "sink_argmax_fraction", "value_drain", "massive_activations", "completes_period"]
 
 
 def rotary_pairs(x: torch.Tensor, rotary_dim: int | None = None, interleaved: bool = False) -> torch.Tensor:
@@ -75,10 +75,11 @@ def sink_share(probs: torch.Tensor, sink: int = 0) -> torch.Tensor:
     return probs[:, :, sink + 1:, sink].to(torch.float64).mean((0, 2))
 
 
-def sink_is_top(probs: torch.Tensor, sink: int = 0) -> torch.Tensor:
-    """Whether key `sink` gets the most attention of all keys, averaged over queries 1..seq-1: [heads] bool."""
-    mean = probs[:, :, sink + 1:, :].to(torch.float64).mean((0, 2))  # [heads, keys]
-    return mean.argmax(-1) == sink
+def sink_argmax_fraction(probs: torch.Tensor, sink: int = 0) -> torch.Tensor:
+    """Share of the queries 1..seq-1 (and batch rows) whose most-attended key is `sink`: [heads]. Unlike the
+    attention averaged over queries, this does not favour early keys under uniform causal attention (there
+    key 0 is the argmax of query t with chance 1/(t+1) only)."""
+    return (probs[:, :, sink + 1:, :].argmax(-1) == sink).to(torch.float64).mean((0, 2))
 
 
 def value_drain(v: torch.Tensor, sink: int = 0) -> torch.Tensor:

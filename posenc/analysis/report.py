@@ -8,7 +8,7 @@ Definitions (all per layer and head, averaged over the tokens of the text):
   ratio >= `offset_threshold` that also carries more than its uniform share of the energy (Jonasson 2025).
   Outlier pair: the pair holding the largest |q| (|k|) channel of the head.
 - sink share: attention on the first token, averaged over queries 1..n-1; a sink head has share > `sink_threshold`;
-  "first token on top": the first token gets the most attention of all keys (averaged over queries 1..n-1).
+  "first token on top": the first token is the most-attended key for more than half of the queries 1..n-1.
 - value drain: |v| at the first token / median |v| of the others, per kv head (Guo et al. 2024).
 - massive activations: max |residual| / median |residual| after each decoder layer; entries at least
   `massive_threshold` times the median are massive (Sun et al. 2024; An et al. 2025; Guo et al. 2024).
@@ -97,7 +97,7 @@ def analyze(model, input_ids: torch.Tensor, *, context_length: int | None = None
                 (M.frequency_norms(rot, **kw) - M.frequency_norms(x, **kw)).abs().max()
                 / M.frequency_norms(x, **kw).abs().max().clamp_min(1e-30))
         entry["sink_share"] = M.sink_share(r.probs).tolist()
-        entry["sink_is_top"] = M.sink_is_top(r.probs).tolist()
+        entry["sink_argmax"] = M.sink_argmax_fraction(r.probs).tolist()
         entry["value_drain"] = M.value_drain(r.v).tolist()
         entry["massive"] = M.massive_activations(r.residual) if r.residual is not None else None
         layers.append(entry)
@@ -132,7 +132,7 @@ def _summary(report: dict) -> dict:
     sink_heads = [(l, h) for l, h, v in shares if v > s["sink_threshold"]]
     out["sink"] = {"heads": len(shares), "sink_heads": len(sink_heads),
                    "fraction": len(sink_heads) / len(shares), "mean_share": _mean(v for *_, v in shares),
-                   "first_token_on_top": sum(v for e in later for v in e["sink_is_top"]),
+                   "first_token_on_top": sum(v > 0.5 for e in later for v in e["sink_argmax"]),
                    "per_layer_mean": [_mean(e["sink_share"]) for e in layers],
                    "early_sink_heads": sum(v > s["sink_threshold"] for e in layers if e not in later
                                            for v in e["sink_share"])}
@@ -208,7 +208,7 @@ def summarize(report: dict, name: str | None = None) -> str:
     lines.append(f"attention sinks: {sk['sink_heads']}/{sk['heads']} heads in layers >= {s['later_layers_from']} put "
                  f"> {st['sink_threshold']:g} of their attention on the first token (mean share "
                  f"{_fmt_pct(sk['mean_share'])}); {sk['early_sink_heads']} such heads before; the first token "
-                 f"is the most-attended key in {sk['first_token_on_top']}/{sk['heads']} heads")
+                 f"is the most-attended key of most queries in {sk['first_token_on_top']}/{sk['heads']} heads")
     vd = s["value_drain"]
     lines.append(f"value drains: |v| at the first token / median |v| elsewhere: median {vd['median_all']:.2f} "
                  f"(kv heads serving sink heads: {vd['median_sink_kv_heads']:.2f}, others: "

