@@ -145,7 +145,11 @@ def test_analyze_figures_against_eager_forward(tiny_llama):
     fr = report["frequencies"][0]
     assert fr["context_length"] == model.config.max_position_embeddings
     inv = model.config.rope_parameters["rope_theta"] ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
-    assert fr["inv_freq"] == pytest.approx(inv.tolist(), rel=1e-12)
+    assert fr["source"] == "model"  # the rotary buffer, float32
+    assert fr["inv_freq"] == pytest.approx(inv.tolist(), rel=1e-6)
+    from_config = A.layer_frequencies(model.config, 0, 16)
+    assert from_config["source"] == "config"
+    assert from_config["inv_freq"].tolist() == pytest.approx(inv.tolist(), rel=1e-12)
     assert fr["completes_period"] == [bool(2 * math.pi / w <= 512) for w in inv.tolist()]
     s = report["summary"]
     later = [e for e in report["layers"] if e["layer"] >= 2]
@@ -166,6 +170,25 @@ def test_analyze_per_head_norm_models(preset):
         assert e["q_rotation_mismatch"] < 1e-5 and e["k_rotation_mismatch"] < 1e-5
     if preset == "tiny-gemma3":  # one rope per layer type: base 1e4 sliding, 1e6 full
         assert [f["base"] for f in report["frequencies"]] == [10_000.0, 1_000_000.0] * 2
+
+
+def test_analyze_a_posenc_patched_model():
+    import posenc
+    if not hasattr(posenc, "patch"):
+        pytest.skip("posenc.patch not available")
+    model, tok, _ = A.load_model("tiny-llama")
+    posenc.patch(model, encoding="hope", context_length=64)
+    ids = A.tokenize(A.DEFAULT_TEXT, tok, model.config.vocab_size, max_tokens=24)
+    report = A.analyze(model, ids)
+    fr = report["frequencies"][0]
+    inv = 10_000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    keep = 2 * math.pi / inv <= 64  # HoPE with L = 64 keeps 3 of 8 pairs
+    assert keep.tolist() == [True] * 3 + [False] * 5
+    assert fr["rope_type"] == "posenc:hope"
+    assert fr["inv_freq"] == pytest.approx(torch.where(keep, inv, 0).tolist(), rel=1e-6)
+    assert fr["completes_period"] == keep.tolist()  # frequency 0 never completes a period
+    for e in report["layers"]:
+        assert e["q_rotation_mismatch"] < 1e-5
 
 
 def test_unsupported_model_is_refused():

@@ -37,13 +37,29 @@ def _rope_params(config, layer: int) -> dict:
     return rp
 
 
-def layer_frequencies(config, layer: int, head_dim: int) -> dict:
-    """The inverse frequencies (float64, fastest first) a transformers config gives one layer, with the rope
-    type, base, rotary_dim and the original context length. Falls back to default RoPE with a note for a
-    rope type posenc does not know."""
+def _model_inv_freq(model, config, layer: int) -> torch.Tensor | None:
+    """The inv_freq buffer of the model's rotary module for this layer (per layer type where there are
+    several): the frequencies the model actually rotates by, a posenc patch included."""
+    buffers = {}
+    for module in model.modules():
+        if "rotary" in type(module).__name__.lower():
+            buffers.update({n: b for n, b in module.named_buffers(recurse=False) if n.endswith("inv_freq")})
+    types = getattr(config, "layer_types", None)
+    key = f"{types[layer]}_inv_freq" if types and layer < len(types) else None
+    found = buffers.get(key) if key else None
+    return (found if found is not None else buffers.get("inv_freq"))
+
+
+def layer_frequencies(config, layer: int, head_dim: int, model=None) -> dict:
+    """The inverse frequencies (float64, fastest first) one layer rotates by, with the rope type, base,
+    rotary_dim and the original context length. Taken from the model's rotary buffer when `model` is given
+    and has one (source "model"), else computed from the config (source "config"), falling back to default
+    RoPE with a note for a rope type posenc does not know."""
     rp = _rope_params(config, layer)
     base = float(rp.get("rope_theta", getattr(config, "rope_theta", 10_000.0)))
     rope_type = rp.get("rope_type", "default")
+    if isinstance(rp.get("posenc"), dict):  # a posenc.patch: name the encoding it put in
+        rope_type = f"posenc:{rp['posenc'].get('encoding', '?')}"
     prf = rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
     note = None
     try:
@@ -55,9 +71,13 @@ def layer_frequencies(config, layer: int, head_dim: int) -> dict:
     except (KeyError, ValueError, TypeError) as e:
         note = f"rope type {rope_type!r} not understood ({e}); default RoPE frequencies assumed"
         inv, _ = F.rope_frequencies(head_dim, base, "default", partial_rotary_factor=prf)
+    source = "config"
+    buffer = _model_inv_freq(model, config, layer) if model is not None else None
+    if buffer is not None and buffer.dim() == 1:
+        inv, source, note = buffer.detach().to("cpu", torch.float64), "model", None
     context = rp.get("original_max_position_embeddings") or getattr(config, "max_position_embeddings", None)
     return {"inv_freq": inv, "rope_type": rope_type, "base": base, "rotary_dim": 2 * inv.numel(),
-            "context_length": int(context) if context else None, "note": note}
+            "context_length": int(context) if context else None, "note": note, "source": source}
 
 
 def _mean(xs):
@@ -79,7 +99,7 @@ def analyze(model, input_ids: torch.Tensor, *, context_length: int | None = None
     layers, freq_by_layer = [], []
     for r in records:
         head_dim = r.q.shape[-1]
-        fr = layer_frequencies(config, r.index, head_dim)
+        fr = layer_frequencies(config, r.index, head_dim, model)
         L = context_length or fr["context_length"] or input_ids.shape[-1]
         fr["context_length"] = L
         freq_by_layer.append(fr)
@@ -111,7 +131,7 @@ def analyze(model, input_ids: torch.Tensor, *, context_length: int | None = None
         "frequencies": [{"inv_freq": fr["inv_freq"].tolist(), "rope_type": fr["rope_type"], "base": fr["base"],
                          "rotary_dim": fr["rotary_dim"], "context_length": fr["context_length"],
                          "completes_period": M.completes_period(fr["inv_freq"], fr["context_length"]).tolist(),
-                         "note": fr["note"]} for fr in freq_by_layer],
+                         "note": fr["note"], "source": fr["source"]} for fr in freq_by_layer],
         "settings": {"sink_threshold": sink_threshold, "early_layers": early_layers,
                      "massive_threshold": massive_threshold, "offset_threshold": offset_threshold,
                      "interleaved": interleaved},
