@@ -25,6 +25,7 @@ Shapes and conventions (what `forward(x, positions=None, attention_mask=None, ca
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -256,7 +257,8 @@ class Attention(nn.Module):
     divide num_heads; 1 = MQA). head_dim: channels per head (default hidden_size // num_heads, which must then
     divide evenly; given explicitly, q/o project to and from num_heads * head_dim). encoding: a name ("rope",
     "prope", "hope", "nope") built with head_dim and **encoding_kwargs (e.g. base=, p=, context_length=,
-    scaling=), or an `Encoding` instance of matching head_dim. bias: bias on all four projections. dropout:
+    scaling=), or an `Encoding` instance of matching head_dim; RoPEAttention, PRoPEAttention, HoPEAttention
+    and NoPEAttention are this class with another default encoding (pass it by keyword there). bias: bias on all four projections. dropout:
     attention-probability dropout in training. causal: causal mask (False for encoders). backend: "auto",
     "flash", "sdpa" or "eager" (see the module docstring).
 
@@ -265,10 +267,8 @@ class Attention(nn.Module):
     without touching the weights.
     """
 
-    default_encoding = "rope"
-
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
-                 head_dim: int | None = None, encoding: str | Encoding | None = None, bias: bool = False,
+                 head_dim: int | None = None, encoding: str | Encoding = "rope", bias: bool = False,
                  dropout: float = 0.0, causal: bool = True, backend: str = "auto", **encoding_kwargs):
         super().__init__()
         _check_int("hidden_size", hidden_size)
@@ -291,7 +291,9 @@ class Attention(nn.Module):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "flash" and not flash_attn_available():
+        # Probe flash-attn now (once per process), not inside a forward that torch.compile may trace.
+        flash_ok = flash_attn_available() if backend in ("auto", "flash") else False
+        if backend == "flash" and not flash_ok:
             raise ImportError(f"backend='flash' needs the flash-attn package, which does not import "
                               f"({_flash_error}); use backend='auto' or 'sdpa'")
         self.hidden_size, self.num_heads, self.num_kv_heads = hidden_size, num_heads, num_kv_heads
@@ -301,7 +303,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
-        encoding = self.default_encoding if encoding is None else encoding
         if isinstance(encoding, Encoding):
             if encoding_kwargs:
                 raise TypeError(f"encoding is an Encoding instance; unexpected keyword arguments "
@@ -434,22 +435,22 @@ class Attention(nn.Module):
 class RoPEAttention(Attention):
     """`Attention` with RoPE by default (same arguments)."""
 
-    default_encoding = "rope"
+    __init__ = functools.partialmethod(Attention.__init__, encoding="rope")
 
 
 class PRoPEAttention(Attention):
     """`Attention` with p-RoPE by default (same arguments; p= and the rest go to the encoding)."""
 
-    default_encoding = "prope"
+    __init__ = functools.partialmethod(Attention.__init__, encoding="prope")
 
 
 class HoPEAttention(Attention):
     """`Attention` with HoPE by default (same arguments; context_length= and the rest go to the encoding)."""
 
-    default_encoding = "hope"
+    __init__ = functools.partialmethod(Attention.__init__, encoding="hope")
 
 
 class NoPEAttention(Attention):
     """`Attention` with NoPE by default (same arguments)."""
 
-    default_encoding = "nope"
+    __init__ = functools.partialmethod(Attention.__init__, encoding="nope")

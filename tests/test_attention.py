@@ -356,6 +356,20 @@ def test_subclasses_are_interchangeable():
     assert posenc.HoPEAttention(HIDDEN, HEADS, context_length=64).encoding.rotated_pairs == 3
     enc = posenc.PRoPE(head_dim=HEAD_DIM, p=0.25)
     assert posenc.Attention(HIDDEN, HEADS, encoding=enc).encoding is enc
+    assert isinstance(posenc.RoPEAttention(HIDDEN, HEADS, 2, HEAD_DIM, encoding="nope").encoding, posenc.NoPE)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    layer = make("hope")
+    x = torch.randn(2, 8, HIDDEN, requires_grad=True)
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[0, :3] = 0
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # no graph break anywhere
+    out = compiled(x, attention_mask=mask)
+    close(out, layer(x, attention_mask=mask), 1e-6)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    (g_ref,) = torch.autograd.grad(layer(x, attention_mask=mask).square().sum(), x)
+    close(g, g_ref, 1e-5)
 
 
 def test_tiny_decoder_set_encoding():
