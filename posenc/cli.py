@@ -43,6 +43,17 @@ positive_float = _number(float, lambda v: v > 0, "a positive number")
 nonneg_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 
 
+def _shape(text):
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 5 or min(values) <= 0 or values[-1] % 2:
+        raise argparse.ArgumentTypeError(f"expected B,S,HQ,HK,D (5 positive integers, D even), got {text!r}")
+    return values
+
+
 def _key_value(text):
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -242,9 +253,13 @@ def cmd_bench(args) -> int:
             kwargs.update(preset)
         else:
             kwargs["shapes"] = preset
+    if args.shape:
+        shapes = kwargs.get("shapes")
+        kwargs["shapes"] = (list(shapes) if isinstance(shapes, (list, tuple)) else [shapes] if shapes else []) \
+            + args.shape
     for key, value in (("dtypes", args.dtype), ("encodings", args.encoding), ("methods", args.method),
-                       ("passes", args.passes)):
-        if value:
+                       ("passes", args.passes), ("warmup", args.warmup), ("iters", args.iters)):
+        if value is not None:
             kwargs[key] = value
     if device == "cuda":
         import torch
@@ -290,11 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "torch.compile of it, and liger-kernel / flash-attn where they import.")
     b.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when available, else cpu")
-    b.add_argument("--preset", help="a named set of shapes (see posenc.bench.PRESETS)")
+    b.add_argument("--preset", help="a named run, e.g. cpu, gpu, llama-8b, gemma, decode, tiny "
+                   "(posenc.bench.PRESETS; default: cpu on CPU, gpu on CUDA)")
+    b.add_argument("--shape", type=_shape, action="append", metavar="B,S,HQ,HK,D",
+                   help="batch, seq, q heads, kv heads, head_dim (repeatable; added to --preset's cases)")
     b.add_argument("--dtype", action="append", help="float32, float16, bfloat16 (repeatable)")
     b.add_argument("--encoding", action="append", help="rope, prope, hope, nope (repeatable)")
     b.add_argument("--method", action="append", help="restrict the implementations compared (repeatable)")
     b.add_argument("--pass", dest="passes", action="append", help="forward / backward (repeatable)")
+    b.add_argument("--warmup", type=nonneg_int, help="untimed calls per case (default: the preset's)")
+    b.add_argument("--iters", type=positive_int, help="timed calls per case (default: the preset's)")
     b.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write rows as JSON (stdout without PATH)")
     b.add_argument("--plot", metavar="FILE.png", help="write a plot")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")

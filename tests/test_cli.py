@@ -174,14 +174,34 @@ def test_bench_without_module_is_a_clean_error(capsys, monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("posenc.bench") is None, reason="posenc.bench not written yet")
 def test_bench_tiny_run(capsys, tmp_path):
-    code, out, err = run_main(capsys, "bench", "--device", "cpu", "--preset", "tiny", "--dtype", "float32",
-                              "--encoding", "rope", "--json", str(tmp_path / "b.json"))
+    argv = ["bench", "--device", "cpu", "--preset", "tiny", "--dtype", "float32", "--encoding", "rope",
+            "--json", str(tmp_path / "b.json")]
+    if importlib.util.find_spec("matplotlib"):
+        argv += ["--plot", str(tmp_path / "b.png")]
+    code, out, err = run_main(capsys, *argv)
     assert code == 0, err
     rows = json.loads((tmp_path / "b.json").read_text())
-    assert rows and out.strip()
-    assert "bench" in err  # progress went to stderr
+    assert [r["method"] for r in rows] == ["copy", "posenc", "hf_eager"]
+    assert all(r["check"] in ("floor", "ok") and r["us"] > 0 for r in rows), rows
+    assert all(r["dtype"] == "float32" and r["encoding"] == "rope" for r in rows)
+    assert "hf_eager" in out and "x_copy" in out  # the table on stdout
+    progress = [ln for ln in err.splitlines() if ln.startswith("bench [")]
+    assert [ln.split()[1] for ln in progress] == ["[1/3]", "[2/3]", "[3/3]"]  # progress on stderr
+    if "--plot" in argv:
+        assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    # a shape given on the command line, JSON on stdout, no progress
+    code, out, err = run_main(capsys, "bench", "--device", "cpu", "--shape", "1,4,2,1,16", "--dtype", "float32",
+                              "--method", "posenc", "--iters", "1", "--warmup", "0", "--json", "-q")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert {(r["B"], r["S"], r["Hq"], r["Hk"], r["D"]) for r in rows} == {(1, 4, 2, 1, 16)}
+    assert "bench [" not in err
     code, _, err = run_main(capsys, "bench", "--preset", "no-such-preset")
     assert_clean_error(code, err, "no-such-preset")
+    code, _, err = run_main(capsys, "bench", "--preset", "tiny", "--dtype", "int7")
+    assert_clean_error(code, err, "int7")
+    code, _, err = run_main(capsys, "bench", "--shape", "1,8,2")
+    assert_clean_error(code, err, "--shape")
 
 
 # ------------------------------------------------------------------------------------------- python -m posenc
