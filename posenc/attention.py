@@ -8,7 +8,8 @@ Shapes and conventions (what `forward(x, positions=None, attention_mask=None, ca
 - x: [batch, seq, hidden_size] (float). Returns [batch, seq, hidden_size].
 - positions: int [seq] or [batch, seq], the positions of the new tokens. Default: 0..seq-1 continuing from the
   cache; with an attention_mask, each row counts only its kept tokens (a left-padded row's first real token
-  gets position 0, as transformers' `generate` does), pads get position 0.
+  gets position 0, as transformers' `generate` does); a pad takes the position of the last real token before
+  it (0 for leading pads), which matters nowhere since pads are never attended to.
 - attention_mask: a *keep* mask as transformers' tokenizers return it: bool or integer 0/1 (1/True = a real
   token, 0/False = padding), shaped [batch, past + seq] (all keys this call attends to: the cached ones and
   the new ones) or [batch, seq] (only the new tokens; the cache remembers the earlier ones). Padded keys are
@@ -409,6 +410,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         # Fresh projections: rotate them in place when autograd is off (inference, decoding).
         q, k = self.encoding.apply(q, k, positions, inplace=not torch.is_grad_enabled())
+        backend = self._choose_backend(q)  # before the cache changes: a refusal leaves it as it was
 
         if cache is not None:
             k, v = cache._append(self, k, v)
@@ -419,7 +421,6 @@ class Attention(nn.Module):
             else:
                 cache.next_position = positions[:, -1] + 1 if s else start
 
-        backend = self._choose_backend(q)
         dropout_p = self.dropout if self.training else 0.0
         out = _ATTEND[backend](q, k, v, keep, self.causal, dropout_p, self.scale)
         out = self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
