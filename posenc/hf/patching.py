@@ -117,8 +117,9 @@ def _base_frequencies(config, key, params, device=None):
 
 def _masked(entry: dict, inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     """The encoding's mask on the model's own frequencies (frequency 0 where a pair stops rotating)."""
-    enc = get_encoding(entry["encoding"], head_dim=2 * inv_freq.numel(), base=float(params.get("rope_theta", 1e4)),
-                       **entry.get("kwargs", {}))
+    with torch.device("cpu"):  # transformers may be building the model on the meta device
+        enc = get_encoding(entry["encoding"], head_dim=2 * inv_freq.numel(),
+                           base=float(params.get("rope_theta", 1e4)), **entry.get("kwargs", {}))
     return enc._mask(inv_freq)
 
 
