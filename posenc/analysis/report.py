@@ -217,9 +217,10 @@ def summarize(report: dict, name: str | None = None) -> str:
     """The report as a short text: headline findings, then one line per layer."""
     m, s, st = report["model"], report["summary"], report["settings"]
     fr = report["frequencies"][0]
+    bases = list(dict.fromkeys(f["base"] for f in report["frequencies"]))
     lines = [f"model: {name or m['type']}  ({m['type']}, {m['layers']} layers, {m['heads']} heads / "
              f"{m['kv_heads']} kv heads, head_dim {m['head_dim']}, rotary_dim {fr['rotary_dim']}, "
-             f"rope {fr['rope_type']} base {fr['base']:g}, context {fr['context_length']})",
+             f"rope {fr['rope_type']} base {'/'.join(f'{b:g}' for b in bases)}, context {fr['context_length']})",
              f"text: {report['text']['tokens']} tokens"
              + (f", first token {report['text']['first_token']!r}" if report["text"]["first_token"] else "")]
     notes = {f["note"] for f in report["frequencies"] if f["note"]}
@@ -286,7 +287,8 @@ def plot_report(report: dict, directory: str) -> list[str]:
         paths.append(path)
 
     def heat(data, title, xlabel, ylabel, name, cmap="viridis", vmin=None, vmax=None, cut=None, yticks=None):
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.12 * len(data[0]) + 3), max(3.0, 0.1 * len(data) + 2)))
+        fig, ax = plt.subplots(figsize=(min(14.0, max(4.0, 0.12 * len(data[0]) + 3)),
+                                        min(12.0, max(3.0, 0.1 * len(data) + 2))))
         im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
         if cut is not None:
             ax.axvline(cut - 0.5, color="red", lw=1, ls="--", label="no full period in context →")
