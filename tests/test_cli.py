@@ -133,6 +133,20 @@ def test_analyze_tiny_model_json_plot_and_text(capsys, tmp_path):
         assert entry["sink_share"] == pytest.approx(share.tolist(), rel=1e-6)
 
 
+def test_analyze_saved_model_directory(capsys, tmp_path):
+    from posenc.analysis import DEFAULT_TEXT, load_model
+    model, _, _ = load_model("tiny-llama", seed=5)
+    model.save_pretrained(tmp_path / "model")
+    code, out, err = run_main(capsys, "analyze", str(tmp_path / "model"), "--max-tokens", "12", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    ids = torch.tensor([[b % model.config.vocab_size for b in DEFAULT_TEXT[:12].encode()]])
+    with torch.no_grad():
+        att = model(input_ids=ids, output_attentions=True).attentions  # the same weights, reloaded
+    assert report["layers"][1]["sink_share"] == pytest.approx(att[1][0, :, 1:, 0].double().mean(-1).tolist(),
+                                                             rel=1e-6)
+
+
 def test_analyze_json_to_stdout(capsys):
     code, out, _ = run_main(capsys, "analyze", "tiny-qwen3", "--max-tokens", "20", "--json")
     assert code == 0
