@@ -231,9 +231,10 @@ def summarize(report: dict, name: str | None = None) -> str:
                  f"{_fmt_pct(sk['mean_share'])}); {sk['early_sink_heads']} such heads before; the first token "
                  f"is the most-attended key of most queries in {sk['first_token_on_top']}/{sk['heads']} heads")
     vd = s["value_drain"]
-    lines.append(f"value drains: |v| at the first token / median |v| elsewhere: median {vd['median_all']:.2f} "
-                 f"(kv heads serving sink heads: {vd['median_sink_kv_heads']:.2f}, others: "
-                 f"{vd['median_other_kv_heads']:.2f})")
+    f2 = lambda x: "n/a" if x != x else f"{x:.2f}"  # noqa: E731
+    lines.append(f"value drains: |v| at the first token / median |v| elsewhere: median {f2(vd['median_all'])} "
+                 f"(kv heads serving sink heads: {f2(vd['median_sink_kv_heads'])}, others: "
+                 f"{f2(vd['median_other_kv_heads'])})")
     if "massive" in s:
         ma = s["massive"]
         tok, dim, val = ma["entry"]
@@ -241,8 +242,9 @@ def summarize(report: dict, name: str | None = None) -> str:
         named = lambda t: f"{t} {strings[t]!r}" if strings and t < len(strings) else str(t)  # noqa: E731
         lines.append(f"massive activations: max |residual| / median = {ma['max_ratio']:.0f} (layer {ma['layer']}, "
                      f"token {named(tok)}, dim {dim}, value {val:.1f}); layers >= {st['massive_threshold']:g}x: "
-                     f"{len(ma['layers_over_threshold'])}/{m['layers']}; dims {ma['dims'][:8]} at tokens "
-                     f"{', '.join(named(t) for t in ma['tokens'][:8])}")
+                     f"{len(ma['layers_over_threshold'])}/{m['layers']}"
+                     + (f"; dims {ma['dims'][:8]} at tokens {', '.join(named(t) for t in ma['tokens'][:8])}"
+                        if ma["dims"] else "; no massive entries"))
     for name in ("q", "k"):
         b = s[name]
         lines.append(f"{name} norm by frequency: slowest half of pairs carries {_fmt_pct(b['low_half_share'])}; the "
