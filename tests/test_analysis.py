@@ -155,6 +155,7 @@ def test_analyze_figures_against_eager_forward(tiny_llama):
     later = [e for e in report["layers"] if e["layer"] >= 2]
     assert s["sink"]["heads"] == sum(len(e["sink_share"]) for e in later)
     assert s["sink"]["sink_heads"] == sum(v > 0.5 for e in later for v in e["sink_share"])
+    assert s["sink"]["heads_over_0.3"] == sum(v > 0.3 for e in later for v in e["sink_share"])
     text = A.summarize(report, "tiny")
     assert "attention sinks" in text and "massive activations" in text
 

@@ -8,7 +8,8 @@ Definitions (all per layer and head, averaged over the tokens of the text):
   ratio >= `offset_threshold` that also carries more than its uniform share of the energy (Jonasson 2025).
   Outlier pair: the pair holding the largest |q| (|k|) channel of the head.
 - sink share: attention on the first token, averaged over queries 1..n-1; a sink head has share > `sink_threshold`;
-  "first token on top": the first token is the most-attended key for more than half of the queries 1..n-1.
+  "first token on top": the first token is the most-attended key for more than half of the queries 1..n-1;
+  also the share of heads above 0.3, the sink rate of Gu et al. 2024 ("When Attention Sink Emerges").
 - value drain: |v| at the first token / median |v| of the others, per kv head (Guo et al. 2024).
 - massive activations: max |residual| / median |residual| after each decoder layer; entries at least
   `massive_threshold` times the median are massive (Sun et al. 2024; An et al. 2025; Guo et al. 2024).
@@ -153,6 +154,7 @@ def _summary(report: dict) -> dict:
     out["sink"] = {"heads": len(shares), "sink_heads": len(sink_heads),
                    "fraction": len(sink_heads) / len(shares), "mean_share": _mean(v for *_, v in shares),
                    "first_token_on_top": sum(v > 0.5 for e in later for v in e["sink_argmax"]),
+                   "heads_over_0.3": sum(v > 0.3 for *_, v in shares),  # Gu et al. 2024's sink rate, eps=0.3
                    "per_layer_mean": [_mean(e["sink_share"]) for e in layers],
                    "early_sink_heads": sum(v > s["sink_threshold"] for e in layers if e not in later
                                            for v in e["sink_share"])}
@@ -229,7 +231,8 @@ def summarize(report: dict, name: str | None = None) -> str:
     lines.append(f"attention sinks: {sk['sink_heads']}/{sk['heads']} heads in layers >= {s['later_layers_from']} put "
                  f"> {st['sink_threshold']:g} of their attention on the first token (mean share "
                  f"{_fmt_pct(sk['mean_share'])}); {sk['early_sink_heads']} such heads before; the first token "
-                 f"is the most-attended key of most queries in {sk['first_token_on_top']}/{sk['heads']} heads")
+                 f"is the most-attended key of most queries in {sk['first_token_on_top']}/{sk['heads']} heads; "
+                 f"share > 0.3 (Gu et al.'s sink rate) in {sk['heads_over_0.3']}/{sk['heads']}")
     vd = s["value_drain"]
     f2 = lambda x: "n/a" if x != x else f"{x:.2f}"  # noqa: E731
     lines.append(f"value drains: |v| at the first token / median |v| elsewhere: median {f2(vd['median_all'])} "
