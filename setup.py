@@ -45,7 +45,7 @@ setup(
     packages=find_packages(include=["posenc", "posenc.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "einops", "transformers>=5.17"],
-    extras_require={"test": ["pytest", "hypothesis", "numpy", "matplotlib", "peft", "gguf"]},
+    extras_require={"test": ["pytest", "hypothesis", "numpy", "matplotlib", "peft", "gguf", "accelerate"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["posenc=posenc.cli:main"]},
