@@ -1,0 +1,422 @@
+// The rotary op on NVIDIA GPUs: q and k of a few tokens in one block, one launch for both.
+//
+// Work split. A block owns T consecutive tokens (b, s) and a range of heads (q heads first, then k heads).
+//  1. cos/sin of the block's tokens are formed once, into shared memory (float32; float64 for float64 data),
+//     by pair_cos_sin (rotary.h): table lookup, or position * inv_freq reduced mod 2*pi in float64 followed
+//     by an accurate sincos (this file is built without --use_fast_math, so no __sincosf). The per-token
+//     row offsets of the four tensors (q/k in/out) are formed there too, so no 64-bit division is left for
+//     the hot loop.
+//  2. Every thread then takes "units" of (token, head, chunk): with 16-byte vectors (the fast path: unit
+//     channel stride, 16-byte aligned rows) a half-split unit is V consecutive pairs — one vector of the first
+//     half and the matching vector of the second half — and an interleaved unit is one vector (V/2 pairs).
+//     Without it (any strides, odd offsets), a unit is one pair read with its channel stride.
+// In place, only the units holding rotated pairs are visited, and a chunk that straddles the last rotated
+// pair is split into aligned power-of-two pieces, so channels that do not rotate are neither read nor
+// written. Out of place, the other units copy (vectorised too).
+//
+// Table mode with a position outside the table produces NaN instead of reading out of bounds (the Python
+// entry point rejects such positions before the call, except under torch.compile / CUDA-graph capture).
+// No allocation, no host synchronisation: launches on the current stream, so CUDA-graph capture works.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "rotary_op.h"
+
+namespace posenc {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, int W>
+struct alignas(sizeof(T) * W > 16 ? 16 : sizeof(T) * W) Vec {
+  T v[W];
+};
+
+// W consecutive channels starting at channel `ch` of a row: one vector access when kUnit (unit channel
+// stride, alignment checked on the host), W strided scalar accesses otherwise.
+template <int W, bool kUnit, typename T>
+__device__ __forceinline__ Vec<T, W> load(const T* row, int ch, int64_t cs) {
+  if constexpr (kUnit) {
+    return *reinterpret_cast<const Vec<T, W>*>(row + ch);
+  } else {
+    Vec<T, W> r;
+#pragma unroll
+    for (int e = 0; e < W; ++e) r.v[e] = row[(ch + e) * cs];
+    return r;
+  }
+}
+
+template <int W, bool kUnit, typename T>
+__device__ __forceinline__ void store(T* row, int ch, int64_t cs, const Vec<T, W>& x) {
+  if constexpr (kUnit) {
+    *reinterpret_cast<Vec<T, W>*>(row + ch) = x;
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) row[(ch + e) * cs] = x.v[e];
+  }
+}
+
+// Half-split: pairs ch..ch+W-1, i.e. channels [ch, ch+W) and [ch+h, ch+h+W). The first `cnt` pairs rotate,
+// the rest are copied (cnt == W: all rotate). cs/sn point at the token's cos/sin row in shared memory.
+template <int W, bool kUnit, typename T, typename Acc>
+__device__ __forceinline__ void rotate_half(const T* in, int64_t ics, T* out, int64_t ocs, int ch, int h,
+                                            const Acc* cs, const Acc* sn, int cnt) {
+  const Vec<T, W> a = load<W, kUnit>(in, ch, ics);
+  const Vec<T, W> b = load<W, kUnit>(in, ch + h, ics);
+  const Vec<Acc, W> c = *reinterpret_cast<const Vec<Acc, W>*>(cs + ch);
+  const Vec<Acc, W> s = *reinterpret_cast<const Vec<Acc, W>*>(sn + ch);
+  Vec<T, W> oa, ob;
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    const Acc x1 = static_cast<Acc>(a.v[e]), x2 = static_cast<Acc>(b.v[e]);
+    const T r1 = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
+    const T r2 = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
+    oa.v[e] = e < cnt ? r1 : a.v[e];
+    ob.v[e] = e < cnt ? r2 : b.v[e];
+  }
+  store<W, kUnit>(out, ch, ocs, oa);
+  store<W, kUnit>(out, ch + h, ocs, ob);
+}
+
+// Interleaved: channels [ch, ch+W) (ch even), pairs ch/2 .. ch/2 + W/2 - 1; the first `cnt` pairs rotate.
+template <int W, bool kUnit, typename T, typename Acc>
+__device__ __forceinline__ void rotate_inter(const T* in, int64_t ics, T* out, int64_t ocs, int ch,
+                                             const Acc* cs, const Acc* sn, int cnt) {
+  const Vec<T, W> a = load<W, kUnit>(in, ch, ics);
+  const Vec<Acc, W / 2> c = *reinterpret_cast<const Vec<Acc, W / 2>*>(cs + ch / 2);
+  const Vec<Acc, W / 2> s = *reinterpret_cast<const Vec<Acc, W / 2>*>(sn + ch / 2);
+  Vec<T, W> o;
+#pragma unroll
+  for (int e = 0; e < W / 2; ++e) {
+    const Acc x1 = static_cast<Acc>(a.v[2 * e]), x2 = static_cast<Acc>(a.v[2 * e + 1]);
+    const T r1 = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
+    const T r2 = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
+    o.v[2 * e] = e < cnt ? r1 : a.v[2 * e];
+    o.v[2 * e + 1] = e < cnt ? r2 : a.v[2 * e + 1];
+  }
+  store<W, kUnit>(out, ch, ocs, o);
+}
+
+// In place, the chunk holding the last rotated pair: its first R channels-worth (pairs for half-split,
+// channels for interleaved; R known at compile time) move as aligned power-of-two pieces, largest first, so
+// channels that do not rotate are neither read nor written. All loads are issued before any store.
+template <int R, int W, int Off, bool kStore, typename T, int V>
+__device__ __forceinline__ void pieces(T* base, Vec<T, V>& x) {
+  if constexpr (W >= 1) {
+    if constexpr ((R & W) != 0) {
+      if constexpr (kStore) {
+        Vec<T, W> piece;
+#pragma unroll
+        for (int e = 0; e < W; ++e) piece.v[e] = x.v[Off + e];
+        *reinterpret_cast<Vec<T, W>*>(base + Off) = piece;
+      } else {
+        const Vec<T, W> piece = *reinterpret_cast<const Vec<T, W>*>(base + Off);
+#pragma unroll
+        for (int e = 0; e < W; ++e) x.v[Off + e] = piece.v[e];
+      }
+      pieces<R, W / 2, Off + W, kStore>(base, x);
+    } else {
+      pieces<R, W / 2, Off, kStore>(base, x);
+    }
+  }
+}
+
+template <int R, int V, bool kInter, typename T, typename Acc>
+__device__ __forceinline__ void rotate_partial(T* row, int ch, int h, const Acc* cs, const Acc* sn) {
+  Vec<T, V> a, b;
+  pieces<R, V / 2, 0, false>(row + ch, a);
+  if constexpr (kInter) {
+    const Vec<Acc, V / 2> c = *reinterpret_cast<const Vec<Acc, V / 2>*>(cs + ch / 2);
+    const Vec<Acc, V / 2> s = *reinterpret_cast<const Vec<Acc, V / 2>*>(sn + ch / 2);
+#pragma unroll
+    for (int e = 0; e < R / 2; ++e) {
+      const Acc x1 = static_cast<Acc>(a.v[2 * e]), x2 = static_cast<Acc>(a.v[2 * e + 1]);
+      a.v[2 * e] = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
+      a.v[2 * e + 1] = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
+    }
+  } else {
+    pieces<R, V / 2, 0, false>(row + ch + h, b);
+    const Vec<Acc, V> c = *reinterpret_cast<const Vec<Acc, V>*>(cs + ch);
+    const Vec<Acc, V> s = *reinterpret_cast<const Vec<Acc, V>*>(sn + ch);
+#pragma unroll
+    for (int e = 0; e < R; ++e) {
+      const Acc x1 = static_cast<Acc>(a.v[e]), x2 = static_cast<Acc>(b.v[e]);
+      a.v[e] = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
+      b.v[e] = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
+    }
+    pieces<R, V / 2, 0, true>(row + ch + h, b);
+  }
+  pieces<R, V / 2, 0, true>(row + ch, a);
+}
+
+// rem (runtime) -> rotate_partial<rem>: half-split rem in 1..V-1 pairs, interleaved rem in 2..V-2 channels.
+template <int R, int V, bool kInter, typename T, typename Acc>
+__device__ __forceinline__ void rotate_partial_dispatch(int rem, T* row, int ch, int h, const Acc* cs,
+                                                        const Acc* sn) {
+  if constexpr (R >= 1) {
+    if (rem == R) {
+      rotate_partial<R, V, kInter>(row, ch, h, cs, sn);
+    } else {
+      rotate_partial_dispatch<R - (kInter ? 2 : 1), V, kInter>(rem, row, ch, h, cs, sn);
+    }
+  }
+}
+
+struct LaunchShape {
+  int64_t tokens;      // batch * seq
+  int tokens_per_block;
+  int heads_per_block;  // over q heads then k heads
+  int units_per_head;   // whole units per head (in place: the chunks whose pairs all rotate)
+  int rot_units;        // of which hold rotary pairs (half-split out of place: the rest are tail copies)
+  int partial_rem;      // in place: rotated pairs (half-split) or channels (interleaved) in the last,
+                        // partial chunk of each head (0: none); these chunks come after all whole units
+  int n_stride;         // cos/sin row length in shared memory (rotated_pairs rounded up to a unit)
+};
+
+// V: channels per unit access (16 bytes worth on the fast path, 1 otherwise). kPartial: in place with a
+// partial last chunk per head (its own instantiation, so that the common kernels carry none of its registers).
+template <typename T, int V, bool kInter, bool kPartial>
+__global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, const LaunchShape L) {
+  using Acc = at::opmath_type<T>;
+  constexpr bool kUnit = V > 1;
+  // A half-split unit spans W pairs; an interleaved one W channels (W/2 pairs).
+  constexpr int W = kUnit ? V : (kInter ? 2 : 1);
+  extern __shared__ __align__(16) unsigned char smem[];
+  int64_t* offs = reinterpret_cast<int64_t*>(smem);  // [T][4]: q_in, k_in, q_out, k_out row offsets
+  Acc* cos_s = reinterpret_cast<Acc*>(offs + 4 * L.tokens_per_block);
+  Acc* sin_s = cos_s + L.tokens_per_block * L.n_stride;
+
+  const int64_t tok0 = static_cast<int64_t>(blockIdx.x) * L.tokens_per_block;
+  const int T_here = static_cast<int>(min(static_cast<int64_t>(L.tokens_per_block), L.tokens - tok0));
+  const int n = p.rotated_pairs;
+
+  // ---- 1. per-token cos/sin and row offsets, once per block
+  for (int t = threadIdx.x; t < T_here; t += blockDim.x) {
+    const int64_t tok = tok0 + t, b = tok / p.seqlen, s = tok - b * p.seqlen;
+    offs[4 * t + 0] = b * p.q_in.stride[0] + s * p.q_in.stride[1];
+    offs[4 * t + 1] = b * p.k_in.stride[0] + s * p.k_in.stride[1];
+    offs[4 * t + 2] = b * p.q_out.stride[0] + s * p.q_out.stride[1];
+    offs[4 * t + 3] = b * p.k_out.stride[0] + s * p.k_out.stride[1];
+  }
+  for (int idx = threadIdx.x; idx < T_here * L.n_stride; idx += blockDim.x) {
+    const int t = idx / L.n_stride, i = idx - t * L.n_stride;
+    Acc c = 1, s = 0;  // padding: never used for output, initialised all the same
+    if (i < n) {
+      const int64_t tok = tok0 + t, b = tok / p.seqlen, sq = tok - b * p.seqlen;
+      const int64_t pos = p.positions[b * p.pos_stride[0] + sq * p.pos_stride[1]];
+      if (p.inv_freq == nullptr && (pos < 0 || pos >= p.table_rows)) {
+        c = s = std::numeric_limits<Acc>::quiet_NaN();  // never read outside the table
+      } else {
+        pair_cos_sin(p, pos, i, c, s);
+      }
+    }
+    cos_s[idx] = c;
+    sin_s[idx] = s;
+  }
+  __syncthreads();
+
+  // ---- 2. rotate (or copy) every unit of the block's tokens x heads
+  const int hq = static_cast<int>(p.q_in.heads);
+  const int h_total = hq + static_cast<int>(p.k_in.heads);
+  const int h_begin = blockIdx.y * L.heads_per_block;
+  const int h_count = min(L.heads_per_block, h_total - h_begin);
+  const int uph = L.units_per_head;
+  const int whole = T_here * h_count * uph;
+  const int units = whole + (kPartial ? T_here * h_count : 0);
+  const int half = p.rotary_dim / 2;
+
+  for (int u = threadIdx.x; u < units; u += blockDim.x) {
+    // whole units first, the partial chunks (in place only) after them: warps stay on one path
+    int chunk, r;
+    if (u < whole) {
+      chunk = u % uph;
+      r = u / uph;
+    } else {
+      chunk = uph;
+      r = u - whole;
+    }
+    const int t = r / h_count;
+    const int head = h_begin + (r - t * h_count);
+    const bool is_q = head < hq;
+    const int hd = is_q ? head : head - hq;
+    const T* in = static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) + offs[4 * t + (is_q ? 0 : 1)] +
+                  hd * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
+    T* out = static_cast<T*>(is_q ? p.q_out.data : p.k_out.data) + offs[4 * t + (is_q ? 2 : 3)] +
+             hd * (is_q ? p.q_out.stride[2] : p.k_out.stride[2]);
+    const int64_t ics = kUnit ? 1 : (is_q ? p.q_in.stride[3] : p.k_in.stride[3]);
+    const int64_t ocs = kUnit ? 1 : (is_q ? p.q_out.stride[3] : p.k_out.stride[3]);
+    const Acc* cs = cos_s + t * L.n_stride;
+    const Acc* sn = sin_s + t * L.n_stride;
+
+    if constexpr (kUnit && kPartial) {
+      if (u >= whole) {  // in place, the chunk with the last rotated pairs
+        rotate_partial_dispatch<kInter ? V - 2 : V - 1, V, kInter>(L.partial_rem, out, chunk * W, half, cs, sn);
+        continue;
+      }
+    }
+    if constexpr (kInter) {
+      const int ch = chunk * W;
+      const int cnt = max(0, min(n - ch / 2, W / 2));
+      if (cnt > 0) {  // cnt < W/2 only out of place: the others are copied
+        rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, cnt);
+      } else {
+        store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
+      }
+    } else if (chunk < L.rot_units) {
+      const int ch = chunk * W;
+      const int cnt = max(0, min(n - ch, W));
+      if (cnt > 0) {
+        rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, cnt);
+      } else {
+        store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
+        store<W, kUnit>(out, ch + half, ocs, load<W, kUnit>(in, ch + half, ics));
+      }
+    } else {  // out of place: channels past rotary_dim
+      const int ch = p.rotary_dim + (chunk - L.rot_units) * W;
+      store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
+    }
+  }
+}
+
+// Multiprocessors of the current device, read once per device (no synchronisation: capture-safe).
+int multiprocessors() {
+  static int cache[64] = {0};
+  const int dev = c10::cuda::current_device();
+  if (dev < 0 || dev >= 64) return 132;
+  if (cache[dev] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    cache[dev] = std::max(1, n);
+  }
+  return cache[dev];
+}
+
+bool aligned_rows(const RotaryTensor& x, const RotaryParams& p, int v, int bytes) {
+  if (x.stride[3] != 1 || reinterpret_cast<uintptr_t>(x.data) % bytes != 0) return false;
+  const int64_t sizes[3] = {p.batch, p.seqlen, x.heads};
+  for (int d = 0; d < 3; ++d) {
+    if (sizes[d] > 1 && x.stride[d] % v != 0) return false;
+  }
+  return true;
+}
+
+template <typename T, int V, bool kInter>
+void launch_with(const RotaryParams& p) {
+  using Acc = at::opmath_type<T>;
+  constexpr bool kUnit = V > 1;
+  constexpr int W = kUnit ? V : (kInter ? 2 : 1);
+  constexpr int pairs_per_unit = kInter ? W / 2 : W;
+  const int n = p.rotated_pairs;
+  const int half = p.rotary_dim / 2;
+  const int D = static_cast<int>(p.head_dim);
+
+  LaunchShape L{};
+  L.tokens = p.batch * p.seqlen;
+  if (p.inplace) {  // only the chunks holding rotated pairs; a partial last chunk separately
+    const int rotated = kInter ? 2 * n : n;  // channels (interleaved) or pairs (half-split)
+    L.rot_units = L.units_per_head = rotated / W;
+    L.partial_rem = rotated % W;
+  } else if (kInter) {
+    L.rot_units = L.units_per_head = D / W;
+  } else {
+    L.rot_units = half / W;
+    L.units_per_head = L.rot_units + (D - 2 * half) / W;
+  }
+  const int h_total = static_cast<int>(p.q_in.heads + p.k_in.heads);
+  const int per_head = L.units_per_head + (L.partial_rem != 0);
+  if (per_head == 0 || h_total == 0 || L.tokens == 0) return;  // nothing to touch
+  L.n_stride = (n + pairs_per_unit - 1) / pairs_per_unit * pairs_per_unit;
+
+  // Aim for >= 4 blocks per multiprocessor when the problem allows it, and up to 4 units per thread.
+  const int64_t per_token = static_cast<int64_t>(h_total) * per_head;
+  const int64_t total = L.tokens * per_token;
+  const int sms = multiprocessors();
+  const int64_t target = std::min<int64_t>(4 * kThreads, std::max<int64_t>(32, total / (4 * sms)));
+  const int max_tokens_smem =
+      std::max(1, static_cast<int>(32768 / (4 * sizeof(int64_t) + 2 * sizeof(Acc) * std::max(1, L.n_stride))));
+  int splits = 1;
+  if (per_token <= target) {
+    L.tokens_per_block = static_cast<int>(std::min<int64_t>({target / per_token, 64, max_tokens_smem, L.tokens}));
+    L.heads_per_block = h_total;
+  } else {
+    L.tokens_per_block = 1;
+    splits = static_cast<int>(std::min<int64_t>(h_total, (per_token + target - 1) / target));
+    L.heads_per_block = (h_total + splits - 1) / splits;
+    splits = (h_total + L.heads_per_block - 1) / L.heads_per_block;
+  }
+  const int64_t units_per_block = static_cast<int64_t>(L.tokens_per_block) * L.heads_per_block * per_head;
+  const int threads = static_cast<int>(std::min<int64_t>(kThreads, (units_per_block + 31) / 32 * 32));
+  const dim3 grid(static_cast<unsigned>((L.tokens + L.tokens_per_block - 1) / L.tokens_per_block), splits);
+  const size_t smem = L.tokens_per_block * (4 * sizeof(int64_t) + 2 * sizeof(Acc) * L.n_stride);
+  if constexpr (kUnit) {
+    if (L.partial_rem != 0) {
+      rotary_kernel<T, V, kInter, true><<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  rotary_kernel<T, V, kInter, false><<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_typed(const RotaryParams& p) {
+  constexpr int V = 16 / sizeof(T);
+  const int half = p.rotary_dim / 2;
+  bool vec = p.head_dim % V == 0 && (p.interleaved || half % V == 0);
+  for (const RotaryTensor* x : {&p.q_in, &p.k_in, &p.q_out, &p.k_out}) {
+    vec = vec && (x->heads == 0 || aligned_rows(*x, p, V, 16));
+  }
+  if (p.interleaved) {
+    vec ? launch_with<T, V, true>(p) : launch_with<T, 1, true>(p);
+  } else {
+    vec ? launch_with<T, V, false>(p) : launch_with<T, 1, false>(p);
+  }
+}
+
+void launch_cuda(const RotaryParams& p, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "posenc_rotary_cuda",
+                                  [&] { launch_typed<scalar_t>(p); });
+}
+
+POSENC_DEFINE_BACKEND(rotary_cuda, launch_cuda)
+
+// The registered entry points: the device guard makes the current stream and allocations those of q's GPU.
+std::tuple<at::Tensor, at::Tensor> rotary_cuda_entry(
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cos,
+    const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& inv_freq,
+    const at::Tensor& positions, double scale, int64_t rotary_dim, int64_t rotated_pairs, bool interleaved,
+    bool inverse) {
+  TORCH_CHECK_VALUE(q.is_cuda() && k.is_cuda(), "posenc::rotary: q, k and positions must be on one device");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return rotary_cuda(q, k, cos, sin, inv_freq, positions, scale, rotary_dim, rotated_pairs, interleaved,
+                     inverse);
+}
+
+void rotary_cuda_entry_(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cos,
+                        const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& inv_freq,
+                        const at::Tensor& positions, double scale, int64_t rotary_dim, int64_t rotated_pairs,
+                        bool interleaved, bool inverse) {
+  TORCH_CHECK_VALUE(q.is_cuda() && k.is_cuda(), "posenc::rotary: q, k and positions must be on one device");
+  const c10::cuda::CUDAGuard guard(q.device());
+  rotary_cuda_(q, k, cos, sin, inv_freq, positions, scale, rotary_dim, rotated_pairs, interleaved, inverse);
+}
+
+}  // namespace
+}  // namespace posenc
+
+TORCH_LIBRARY_IMPL(posenc, CUDA, m) {
+  m.impl("rotary", &posenc::rotary_cuda_entry);
+  m.impl("rotary_", &posenc::rotary_cuda_entry_);
+}

@@ -1,0 +1,568 @@
+"""Rotary microbenchmarks: posenc's fused op against the floor (a copy) and the kernels people use today.
+
+    rows = posenc.bench.run(device="cuda")          # the "gpu" preset; device="cpu": the "cpu" preset
+    print(posenc.bench.format_table(rows))
+    posenc.bench.write_json(rows, "bench.json"); posenc.bench.plot(rows, "bench.png")
+
+Every case (shape x encoding x pass x dtype) times these methods in the same run, on the same data:
+  copy        q.clone(); k.clone()                              the floor: every byte read and written once
+  posenc      encoding.apply(q, k, positions) (inplace=True for the "fwd_inplace" pass)
+  hf_eager    transformers' apply_rotary_pos_emb (modeling_llama) on bhsd views, with cos/sin precomputed
+              as the model dtype from the encoding (frequency-0 pairs get cos=1, sin=0: same function)
+  hf_compile  torch.compile of the same function
+  liger       liger-kernel's liger_rotary_pos_emb (rotates in place), if liger_kernel imports
+  flash_attn  flash_attn.layers.rotary.apply_rotary_emb (one call for q, one for k), if flash_attn imports
+Passes: "fwd" (out of place), "fwd_inplace" (posenc, liger and flash_attn in place; transformers has no
+in-place form and runs out of place), "fwd+bwd" (forward and torch.autograd.grad through autograd),
+"decode" (forward with random per-row positions, meant for S=1).
+
+Before timing, each method's output on fresh inputs is compared with posenc's (relative L2 error within 8
+rounding steps of the dtype; the "check" column). GPU times are CUDA-event medians over `repeats` replays of
+a CUDA graph holding `iters` calls (launch gaps out, as in a captured decode loop; falls back to an eager
+loop, marked "eager", where a method cannot be captured); CPU times are time.perf_counter medians of single
+calls. GB/s counts the bytes a copy of q and k moves (read + write; twice that for fwd+bwd, whose floor
+row is still one copy), so it is the copy-equivalent bandwidth even when the in-place op skips channels.
+x_copy = time / time of the copy of the same case.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Iterable
+
+import torch
+
+__all__ = ["Shape", "Case", "PRESETS", "METHODS", "PASSES", "run", "format_table", "write_json", "plot"]
+
+METHODS = ("copy", "posenc", "hf_eager", "hf_compile", "liger", "flash_attn")
+PASSES = ("fwd", "fwd_inplace", "fwd+bwd", "decode")
+_PASS_ALIASES = {"forward": "fwd", "fwd": "fwd", "inplace": "fwd_inplace", "fwd_inplace": "fwd_inplace",
+                 "forward_inplace": "fwd_inplace", "backward": "fwd+bwd", "bwd": "fwd+bwd", "fwd+bwd": "fwd+bwd",
+                 "fwd_bwd": "fwd+bwd", "train": "fwd+bwd", "decode": "decode"}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """q [batch, seq, q_heads, head_dim] and k [batch, seq, kv_heads, head_dim] (bshd, contiguous)."""
+    name: str
+    batch: int
+    seq: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One shape with one encoding ("rope", "prope:P", "hope:L", "nope") and the passes to time."""
+    shape: Shape
+    encoding: str = "rope"
+    passes: tuple = ("fwd",)
+
+
+LLAMA_8B = Shape("llama8b-b4s4096", 4, 4096, 32, 8, 128)
+LLAMA_8B_LONG = Shape("llama8b-b1s32768", 1, 32768, 32, 8, 128)
+GEMMA = Shape("gemma-b4s4096", 4, 4096, 8, 1, 256)
+GEMMA4_GLOBAL = Shape("gemma4global-b4s4096", 4, 4096, 8, 1, 512)
+DECODE = Shape("decode-b64", 64, 1, 32, 8, 128)
+CPU_LLAMA = Shape("cpu-llama-s2048", 1, 2048, 32, 8, 128)
+TINY = Shape("tiny", 1, 16, 4, 2, 64)
+
+_LLAMA = [Case(LLAMA_8B, "rope", ("fwd", "fwd+bwd")), Case(LLAMA_8B_LONG, "rope", ("fwd",)),
+          Case(LLAMA_8B, "hope:4096", ("fwd_inplace",)), Case(LLAMA_8B, "prope:0.75", ("fwd_inplace",))]
+_GEMMA = [Case(GEMMA, "rope", ("fwd", "fwd+bwd"))]
+_GEMMA4 = [Case(GEMMA4_GLOBAL, "prope:0.25", ("fwd_inplace", "fwd"))]
+_DECODE = [Case(DECODE, "rope", ("decode",))]
+BF16 = ["bfloat16"]
+
+# Named runs: keyword arguments for run() (the `posenc bench --preset NAME` CLI passes them through).
+PRESETS = {
+    "gpu": {"shapes": _LLAMA + _GEMMA + _GEMMA4 + _DECODE, "dtypes": BF16},  # default on CUDA
+    "llama-8b": {"shapes": _LLAMA, "dtypes": BF16},
+    "gemma": {"shapes": _GEMMA, "dtypes": BF16},
+    "gemma4-global": {"shapes": _GEMMA4, "dtypes": BF16},
+    "decode": {"shapes": _DECODE, "dtypes": BF16},
+    # default on CPU: 32 q / 8 kv heads, D=128, S=2048, float32 and bfloat16 (under a minute on 2 cores)
+    "cpu": {"shapes": [Case(CPU_LLAMA, "rope", ("fwd",))], "dtypes": ["float32", "bfloat16"],
+            "methods": ["copy", "posenc", "hf_eager", "hf_compile"]},
+    "tiny": {"shapes": [Case(TINY, "rope", ("fwd",))], "dtypes": ["float32"],
+             "methods": ["copy", "posenc", "hf_eager"], "warmup": 1, "iters": 3},
+}
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def _dtype(d):
+    if isinstance(d, torch.dtype):
+        return d
+    if isinstance(d, str) and d.lower().replace("torch.", "") in _DTYPES:
+        return _DTYPES[d.lower().replace("torch.", "")]
+    raise ValueError(f"dtypes: unknown dtype {d!r}; expected one of float32, float16, bfloat16")
+
+
+def _pass(p):
+    key = str(p).lower()
+    if key not in _PASS_ALIASES:
+        raise ValueError(f"passes: unknown pass {p!r}; expected one of {', '.join(PASSES)}")
+    return _PASS_ALIASES[key]
+
+
+def _shape(s) -> Shape:
+    if isinstance(s, Shape):
+        return s
+    if isinstance(s, dict):
+        return Shape(**{"name": "custom", **s})
+    if isinstance(s, (tuple, list)) and len(s) == 5 and all(isinstance(v, int) for v in s):
+        b, t, hq, hk, d = s
+        return Shape(f"b{b}s{t}h{hq}/{hk}d{d}", b, t, hq, hk, d)
+    raise TypeError(f"shapes: expected a preset name, Shape, Case, dict or (B, S, Hq, Hk, D), got {s!r}")
+
+
+def _cases(device, shapes, encodings, passes):
+    """The list of Cases to run, plus preset defaults (dtypes, methods) when a preset was named."""
+    extra = {}
+    if shapes is None:
+        shapes = "cpu" if device == "cpu" else "gpu"
+    if isinstance(shapes, (str, Shape, Case)):
+        shapes = [shapes]
+    cases = []
+    for s in shapes:
+        if isinstance(s, str):
+            if s not in PRESETS:
+                raise ValueError(f"shapes: unknown preset {s!r}; expected one of {', '.join(PRESETS)}")
+            preset = PRESETS[s]
+            for key in ("dtypes", "methods", "warmup", "iters"):
+                if key in preset:
+                    extra.setdefault(key, preset[key])
+            cases += list(preset["shapes"])
+        elif isinstance(s, Case):
+            cases.append(s)
+        else:
+            shape = _shape(s)
+            default = ("decode",) if shape.seq == 1 else ("fwd",)
+            for enc in encodings or ["rope"]:
+                cases.append(Case(shape, enc, tuple(passes or default)))
+    if encodings:
+        names = {e.split(":")[0].lower() for e in encodings}
+        explicit = {e.lower() for e in encodings if ":" in e}
+        cases = [dataclasses.replace(c, encoding=next((e for e in explicit if e.split(":")[0] ==
+                                                       c.encoding.split(":")[0]), c.encoding))
+                 for c in cases if c.encoding.split(":")[0].lower() in names]
+    if passes:
+        wanted = [_pass(p) for p in passes]
+        cases = [dataclasses.replace(c, passes=tuple(p for p in c.passes if p in wanted) or
+                                     tuple(wanted)) for c in cases]
+    if not cases:
+        raise ValueError("nothing to run: no case matches the given shapes/encodings/passes")
+    return cases, extra
+
+
+def _encoding(spec: str, head_dim: int):
+    import posenc
+    name, _, arg = spec.partition(":")
+    name = name.lower()
+    kw = {}
+    if name in ("prope", "p-rope") and arg:
+        kw["p"] = float(arg)
+    elif name == "hope" and arg:
+        kw["context_length"] = int(arg)
+    elif arg:
+        raise ValueError(f"encodings: {name!r} takes no argument, got {spec!r}")
+    return posenc.get_encoding(name, head_dim=head_dim, **kw)
+
+
+# ------------------------------------------------------------------------------------------- methods
+def _hf_apply():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    return apply_rotary_pos_emb
+
+
+_COMPILED = {}
+
+
+def _hf_compiled():
+    if "hf" not in _COMPILED:
+        import torch._dynamo
+        for key in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                    "accumulated_recompile_limit"):
+            if hasattr(torch._dynamo.config, key):
+                setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), 256))
+        _COMPILED["hf"] = torch.compile(_hf_apply(), fullgraph=True, dynamic=False)
+    return _COMPILED["hf"]
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+        return liger_rotary_pos_emb
+    except Exception:
+        from liger_kernel.ops.rope import LigerRopeFunction
+        return LigerRopeFunction.apply
+
+
+def _flash():
+    from flash_attn.layers.rotary import apply_rotary_emb
+    return apply_rotary_emb
+
+
+def _available(method, device):
+    """None if the method can run here, else the reason it cannot."""
+    try:
+        if method in ("hf_eager", "hf_compile"):
+            _hf_apply()
+        elif method == "liger":
+            if device != "cuda":
+                return "GPU only"
+            _liger()
+        elif method == "flash_attn":
+            if device != "cuda":
+                return "GPU only"
+            _flash()
+    except Exception as exc:  # ImportError, or a broken install
+        return f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+    return None
+
+
+class _Inputs:
+    """q, k (bshd, contiguous), positions, and the cos/sin tables the table-based methods use."""
+
+    def __init__(self, shape, dtype, device, enc, pass_, grad=False):
+        B, S, D = shape.batch, shape.seq, shape.head_dim
+        self.q = torch.randn(B, S, shape.q_heads, D, device=device, dtype=dtype, requires_grad=grad)
+        self.k = torch.randn(B, S, shape.kv_heads, D, device=device, dtype=dtype, requires_grad=grad)
+        if pass_ == "decode":
+            self.positions = torch.randint(0, 100_000, (B, S), device=device) + torch.arange(S, device=device)
+        else:
+            self.positions = torch.arange(S, device=device).expand(B, S)
+        self.cos, self.sin = enc.cos_sin(self.positions, dtype=dtype)  # [B, S, D], as transformers builds
+        self.grads = None
+        if grad:
+            self.grads = (torch.randn_like(self.q), torch.randn_like(self.k))
+
+
+def _fresh(x: _Inputs, grad: bool) -> _Inputs:
+    """A copy of x with cloned q and k (leaves, requiring grad for fwd+bwd)."""
+    y = _Inputs.__new__(_Inputs)
+    y.__dict__.update(x.__dict__)
+    y.q = x.q.detach().clone().requires_grad_(grad)
+    y.k = x.k.detach().clone().requires_grad_(grad)
+    return y
+
+
+def _make_fn(method, pass_, enc, x: _Inputs):
+    """A zero-argument callable doing one step of `method`; returns (q_out, k_out) in bshd."""
+    inplace = pass_ == "fwd_inplace"
+    q, k, pos, cos, sin = x.q, x.k, x.positions, x.cos, x.sin
+
+    if method == "copy":
+        def fwd():
+            return q.clone(), k.clone()
+        return fwd  # the floor, the same for every pass
+    if method == "posenc":
+        def fwd():
+            return enc.apply(q, k, pos, inplace=inplace)
+    elif method in ("hf_eager", "hf_compile"):
+        fn = _hf_apply() if method == "hf_eager" else _hf_compiled()
+
+        def fwd():
+            qo, ko = fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # bhsd views, as transformers passes
+            return qo.transpose(1, 2), ko.transpose(1, 2)
+    elif method == "liger":
+        fn = _liger()
+
+        def fwd():
+            qo, ko = fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # rotates q and k in place
+            return qo.transpose(1, 2), ko.transpose(1, 2)
+    elif method == "flash_attn":
+        fn = _flash()
+        half = enc.rotary_dim // 2
+        if pass_ == "decode":  # per-row positions: a table over positions, offsets per row
+            rows = int(pos.max()) + 1
+            table_pos = torch.arange(rows, device=q.device)
+            c, s = enc.cos_sin(table_pos, dtype=q.dtype)
+            offsets = pos[:, 0].to(torch.int32).contiguous()
+        else:
+            c, s = cos[0], sin[0]
+            offsets = 0
+        c, s = c[..., :half].contiguous(), s[..., :half].contiguous()
+
+        def fwd():
+            return (fn(q, c, s, interleaved=False, inplace=inplace, seqlen_offsets=offsets),
+                    fn(k, c, s, interleaved=False, inplace=inplace, seqlen_offsets=offsets))
+    else:
+        raise ValueError(f"methods: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+
+    if pass_ != "fwd+bwd":
+        return fwd
+
+    def fwd_bwd():
+        qo, ko = fwd()
+        return torch.autograd.grad((qo, ko), (q, k), x.grads)  # no accumulation into .grad
+    return fwd_bwd
+
+
+# -------------------------------------------------------------------------------------------- timing
+def _time_cuda(fn, warmup, iters, repeats):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and compilation) off the capture
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    mode, graph = "graph", None
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        step = graph.replay
+    except Exception:
+        graph, mode = None, "eager"
+        torch.cuda.synchronize()
+
+        def step():
+            for _ in range(iters):
+                fn()
+        step()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / iters)
+    del graph
+    return statistics.median(times), mode
+
+
+def _time_cpu(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6, "perf_counter"
+
+
+def _rel_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cpus, {torch.get_num_threads()} threads)"
+
+
+def _versions():
+    import posenc
+    v = {"torch": torch.__version__, "posenc": getattr(posenc, "__version__", "?")}
+    try:
+        import transformers
+        v["transformers"] = transformers.__version__
+    except Exception:
+        v["transformers"] = None
+    try:
+        import importlib.metadata as md
+        v["liger_kernel"] = md.version("liger-kernel")
+    except Exception:
+        v["liger_kernel"] = None
+    return v
+
+
+# ----------------------------------------------------------------------------------------------- run
+def run(device: str = "cpu", shapes=None, dtypes=None, encodings=None, methods=None, passes=None,
+        warmup: int | None = None, iters: int | None = None, progress: Callable | None = None,
+        repeats: int = 5) -> list[dict]:
+    """Times every case x dtype x method; returns one dict per row (see the module docstring).
+
+    shapes: a preset name (see PRESETS), or a list of preset names, Case, Shape, dicts of Shape fields or
+    (B, S, Hq, Hk, D) tuples; default: the "cpu" preset on CPU, the "gpu" preset on CUDA. encodings
+    ("rope", "prope[:p]", "hope[:L]", "nope") and passes filter a preset's cases (or, for plain shapes,
+    are crossed with them). dtypes default to the preset's (bfloat16 on GPU; float32 and bfloat16 on CPU).
+    """
+    device = str(torch.device(device).type)
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch.cuda.is_available() is False")
+    cases, extra = _cases(device, shapes, encodings, passes)
+    dtypes = [_dtype(d) for d in (dtypes or extra.get("dtypes") or
+                                  (["bfloat16"] if device == "cuda" else ["float32", "bfloat16"]))]
+    methods = list(methods or extra.get("methods") or METHODS)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"methods: unknown method {m!r}; expected one of {', '.join(METHODS)}")
+    if "copy" not in methods:
+        methods.insert(0, "copy")  # every ratio needs the floor
+    if "posenc" not in methods:
+        methods.insert(1, "posenc")  # and every check compares with posenc
+    warmup = warmup if warmup is not None else extra.get("warmup", 3 if device == "cuda" else 2)
+    iters = iters if iters is not None else extra.get("iters", 10 if device == "cuda" else 7)
+
+    meta = {"device": device, "device_name": _device_name(device), **_versions()}
+    skip = {m: _available(m, device) for m in methods}
+    jobs = [(c, p, dt) for c in cases for p in c.passes for dt in dtypes]
+    total = len(jobs) * len(methods)
+    done = 0
+    rows = []
+    for case, pass_, dtype in jobs:
+        shape = case.shape
+        enc = _encoding(case.encoding, shape.head_dim).to(device)
+        frac = enc.rotated_pairs / (shape.head_dim // 2)
+        grad = pass_ == "fwd+bwd"
+        elem = torch.empty((), dtype=dtype).element_size()
+        nbytes = 2 * elem * shape.batch * shape.seq * (shape.q_heads + shape.kv_heads) * shape.head_dim
+        nbytes *= 2 if grad else 1
+        # decode-sized problems are launch-bound: more calls per graph
+        n_iter = iters * (10 if device == "cuda" and nbytes < (64 << 20) else 1)
+        copy_us = None
+        check_in = None  # fresh inputs for the checks, shared by every method of this case
+        reference = None
+        for method in methods:
+            done += 1
+            label = f"{shape.name} {case.encoding} {pass_} {str(dtype).replace('torch.', '')} {method}"
+            if progress is not None:
+                progress(done, total, label)
+            row = {**meta, "shape": shape.name, "B": shape.batch, "S": shape.seq, "Hq": shape.q_heads,
+                   "Hk": shape.kv_heads, "D": shape.head_dim, "dtype": str(dtype).replace("torch.", ""),
+                   "encoding": case.encoding, "rotated_fraction": round(frac, 4), "pass": pass_,
+                   "method": method, "us": None, "GB/s": None, "x_copy": None, "timing": None, "check": None}
+            rows.append(row)
+            if skip[method]:
+                row["check"] = skip[method]
+                continue
+            try:
+                # 1. check against posenc on fresh inputs (each method gets its own clones: liger and the
+                #    in-place pass write into them). fwd+bwd compares the gradients.
+                if method == "copy":
+                    row["check"] = "floor"
+                else:
+                    if check_in is None:
+                        check_in = _Inputs(shape, dtype, device, enc, pass_, grad)
+                        reference = [t.detach().clone() for t in
+                                     _make_fn("posenc", "fwd" if pass_ == "fwd_inplace" else pass_, enc,
+                                              _fresh(check_in, grad))()]
+                    got = _make_fn(method, pass_, enc, _fresh(check_in, grad))()
+                    err = max(_rel_err(g, r) for g, r in zip(got, reference))
+                    tol = 8 * torch.finfo(dtype).eps
+                    row["check"] = "ok" if err <= tol else f"MISMATCH rel err {err:.2e} > {tol:.1e}"
+                    row["rel_err"] = err
+                    if pass_ == "fwd_inplace" and method in ("hf_eager", "hf_compile"):
+                        row["check"] += " (out of place)"
+                    del got
+                # 2. time on inputs of their own
+                x = _Inputs(shape, dtype, device, enc, pass_, grad)
+                fn = _make_fn(method, pass_, enc, x)
+                if device == "cuda":
+                    us, mode = _time_cuda(fn, warmup, n_iter, repeats)
+                else:
+                    us, mode = _time_cpu(fn, warmup, iters)
+                del fn, x
+                moved = nbytes // 2 if grad and method == "copy" else nbytes  # the copy is one pass
+                row.update({"us": round(us, 2), "timing": mode, "GB/s": round(moved / us / 1e3, 1)})
+                if method == "copy":
+                    copy_us = us
+                if copy_us:
+                    row["x_copy"] = round(us / copy_us, 3)
+            except Exception as exc:  # one broken method must not sink the run
+                msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+                row["check"] = f"failed: {type(exc).__name__}: {msg}"
+            finally:
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: one line per row, grouped by case."""
+    if not rows:
+        return "(no rows)"
+    head = rows[0]
+    lines = [f"device: {head['device_name']} | torch {head['torch']} | posenc {head['posenc']} | "
+             f"transformers {head.get('transformers')} | liger-kernel {head.get('liger_kernel')}"]
+    cols = ["shape", "encoding", "pass", "dtype", "method", "us", "GB/s", "x_copy", "timing", "check"]
+    fmt = {"us": lambda v: f"{v:.1f}" if v is not None else "-",
+           "GB/s": lambda v: f"{v:.0f}" if v is not None else "-",
+           "x_copy": lambda v: f"{v:.3f}" if v is not None else "-"}
+    table = [[fmt.get(c, lambda v: "-" if v is None else str(v))(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    right = {"us", "GB/s", "x_copy"}
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if c in right else v.ljust(w) for c, v, w in zip(cols, vals, widths)).rstrip()
+
+    lines += [line(cols), line(["-" * w for w in widths])]
+    prev = None
+    for r, t in zip(rows, table):
+        key = (r["shape"], r["encoding"], r["pass"], r["dtype"])
+        if prev is not None and key != prev:
+            lines.append("")
+        prev = key
+        lines.append(line(t))
+    return "\n".join(lines)
+
+
+def write_json(rows: list[dict], path) -> None:
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+
+
+def plot(rows: list[dict], path) -> None:
+    """Bars of time / copy time per case, one bar per method; a line at the copy floor."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("posenc.bench.plot needs matplotlib (pip install matplotlib)") from exc
+    cases = []
+    for r in rows:
+        key = (r["shape"], r["encoding"], r["pass"], r["dtype"])
+        if key not in cases:
+            cases.append(key)
+    methods = [m for m in METHODS if any(r["method"] == m and r["x_copy"] is not None for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases) * max(1, len(methods)) / 3), 5))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        xs, ys = [], []
+        for i, key in enumerate(cases):
+            for r in rows:
+                if (r["shape"], r["encoding"], r["pass"], r["dtype"]) == key and r["method"] == m and r["x_copy"]:
+                    xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                    ys.append(r["x_copy"])
+        ax.bar(xs, ys, width, label=m)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels(["\n".join(k[:3]) + f"\n{k[3]}" for k in cases], fontsize=7)
+    ax.set_ylabel("time / copy time (log)")
+    title = rows[0]["device_name"] if rows else ""
+    ax.set_title(f"posenc rotary benchmark — {title}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,392 @@
+"""The fused op on CUDA: kernel == reference (CPU) and == float64, registration (opcheck), gradients, the
+hypothesis property test, torch.compile, CUDA-graph capture and non-default streams. Skipped without CUDA.
+
+Tolerance: twice one rounding step (eps) of the output dtype, relative to the pair's magnitude |x1| + |x2|
+(helpers.assert_close_to_64). In table mode the float64 expectation uses the float32 table values, so
+that bound holds there too.
+"""
+import itertools
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+
+import posenc  # noqa: E402
+from posenc.ops import rotary_reference  # noqa: E402
+from helpers import assert_close_to_64, rotate64  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _needs_cuda_kernel():
+    if not posenc.ops._HAS_CUDA_KERNEL:
+        pytest.fail(f"CUDA is available but the CUDA kernel is not registered: {posenc.backend('cuda')}")
+    yield
+
+
+def inv_freq(rotary_dim, pairs, base=10_000.0):
+    inv = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    inv[pairs:] = 0
+    return inv
+
+
+_TABLES = {}
+
+
+def table(rotary_dim, pairs, rows):
+    """float32 cos/sin [rows, rotary_dim/2] built on the GPU in float64 (cached: tables reach 1.3e5 rows)."""
+    key = (rotary_dim, pairs, rows)
+    if key not in _TABLES:
+        angle = torch.arange(rows, dtype=torch.float64, device=DEV)[:, None] * inv_freq(rotary_dim, pairs).to(DEV)
+        _TABLES[key] = (angle.cos().float(), angle.sin().float())
+    return _TABLES[key]
+
+
+def rotate64_tables(x, c, s, rotary_dim, interleaved, layout):
+    """Independent float64 rotation by given cos/sin values c, s [batch, seq, rotary_dim/2]."""
+    x = x.to(torch.float64).cpu()
+    if layout == "bhsd":
+        x = x.transpose(1, 2)
+    rot = torch.complex(c.double().cpu(), s.double().cpu())[:, :, None, :]
+    part = x[..., :rotary_dim]
+    if interleaved:
+        z = torch.complex(part[..., 0::2], part[..., 1::2]) * rot
+        rotated = torch.stack([z.real, z.imag], -1).flatten(-2)
+    else:
+        half = rotary_dim // 2
+        z = torch.complex(part[..., :half], part[..., half:]) * rot
+        rotated = torch.cat([z.real, z.imag], -1)
+    out = torch.cat([rotated, x[..., rotary_dim:]], -1)
+    return out.transpose(1, 2) if layout == "bhsd" else out
+
+
+def rotated_mask(head_dim, rotary_dim, pairs, interleaved):
+    m = torch.zeros(head_dim, dtype=torch.bool)
+    if interleaved:
+        m[: 2 * pairs] = True
+    else:
+        m[:pairs] = True
+        m[rotary_dim // 2: rotary_dim // 2 + pairs] = True
+    return m
+
+
+def configs(head_dim):
+    """(name, rotary_dim, rotated_pairs, (q_heads, kv_heads)): full, partial rotary, a HoPE-like cut that
+    ends inside a 16-byte chunk, and partial rotary with an odd cut; GQA and MQA head counts."""
+    half = head_dim // 2
+    partial = max(2, (head_dim // 2) // 2 * 2)
+    three_q = max(2, (3 * head_dim // 4) // 2 * 2)
+    return [
+        ("full", head_dim, half, (8, 2)),
+        ("partial", partial, partial // 2, (4, 1)),
+        ("cut", head_dim, max(1, int(0.72 * half)), (6, 2)),
+        ("partial_cut", three_q, max(1, three_q // 2 - 3), (3, 1)),
+    ]
+
+
+CASES = [
+    (dtype, layout, d, *cfg)
+    for dtype, layout, d in itertools.product(DTYPES, ["bshd", "bhsd"], [64, 80, 128, 256, 512])
+    for cfg in configs(d)
+]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("tables", [False, True])
+@pytest.mark.parametrize("dtype,layout,head_dim,name,rotary_dim,pairs,heads", CASES)
+def test_cuda_equals_reference_and_float64(dtype, layout, head_dim, name, rotary_dim, pairs, heads, tables,
+                                           interleaved):
+    batch, seq = 3, 7
+    hq, hk = heads
+
+    def make(h):
+        shape = (batch, seq, h, head_dim) if layout == "bshd" else (batch, h, seq, head_dim)
+        return torch.randn(shape, device=DEV).to(dtype)
+
+    q, k = make(hq), make(hk)
+    positions = torch.randint(0, 130_000, (batch, 1), device=DEV) + torch.arange(seq, device=DEV)
+    positions[0] = torch.randint(0, 64, (1,)).item() + torch.arange(seq, device=DEV)  # and a small row
+    inv = inv_freq(rotary_dim, pairs)
+    kw = dict(rotary_dim=rotary_dim, rotated_pairs=pairs, interleaved=interleaved, layout=layout)
+    if tables:
+        cos, sin = table(rotary_dim, pairs, 130_000 + seq)
+        src = dict(cos=cos, sin=sin)
+        c_tok, s_tok = cos[positions][..., :rotary_dim // 2], sin[positions][..., :rotary_dim // 2]
+    else:
+        src = dict(inv_freq=inv.to(DEV))
+    q0, k0 = q.clone(), k.clone()
+
+    # out of place
+    q2, k2 = posenc.apply_rotary(q, k, positions=positions, **src, **kw)
+    assert torch.equal(q, q0) and torch.equal(k, k0), "out of place must leave its inputs untouched"
+    assert q2.shape == q.shape and k2.shape == k.shape and q2.dtype == dtype
+
+    # == the float64 computation (independent of posenc)
+    for x, out in ((q0, q2), (k0, k2)):
+        if tables:
+            want = rotate64_tables(x, c_tok, s_tok, rotary_dim, interleaved, layout)
+        else:
+            want = rotate64(x.cpu(), positions.cpu(), inv, rotary_dim, interleaved, layout)
+        assert_close_to_64(out.cpu(), want, x.cpu(), dtype, rotary_dim, interleaved, layout)
+
+    # == the reference (the specification), run on the CPU with the same inputs
+    to4 = (lambda t: t.transpose(1, 2)) if layout == "bhsd" else (lambda t: t)
+    if tables:  # the rows this batch uses, gathered, so the CPU reference needs no 1e5-row table
+        flat = positions.flatten()
+        ref_args = (cos[flat].cpu(), sin[flat].cpu(), None,
+                    torch.arange(flat.numel()).view(batch, seq))
+    else:
+        ref_args = (None, None, inv, positions.cpu())
+    ref = rotary_reference(to4(q0).cpu(), to4(k0).cpu(), *ref_args, 1.0, rotary_dim, pairs, interleaved, False)
+    for x, out, r in ((q0, q2, ref[0]), (k0, k2, ref[1])):
+        # Same float32 formula; sin/cos libraries and fused multiply-adds may differ in the last bits of the
+        # float32 result, which the output rounding can turn into one step of the output dtype.
+        assert_close_to_64(to4(out).cpu(), r.double(), to4(x).cpu(), dtype, rotary_dim, interleaved)
+
+    # in place: same numbers, bit for bit, and channels that do not rotate are left exactly as they were
+    qi, ki = q0.clone(), k0.clone()
+    q3, k3 = posenc.apply_rotary(qi, ki, positions=positions, inplace=True, **src, **kw)
+    assert q3 is qi and k3 is ki
+    assert torch.equal(qi, q2) and torch.equal(ki, k2)
+    keep = ~rotated_mask(head_dim, rotary_dim, pairs, interleaved).to(DEV)
+    assert torch.equal(qi[..., keep], q0[..., keep]) and torch.equal(ki[..., keep], k0[..., keep])
+
+
+def test_inplace_never_writes_unrotated_channels():
+    """NaN bit patterns in channels that do not rotate must survive in place (they are not even read)."""
+    head_dim, pairs = 128, 46
+    q = torch.randn(2, 9, 4, head_dim, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(2, 9, 1, head_dim, device=DEV, dtype=torch.bfloat16)
+    keep = ~rotated_mask(head_dim, head_dim, pairs, False).to(DEV)
+    q[..., keep] = float("nan")
+    bits = q.view(torch.int16).clone()
+    posenc.apply_rotary(q, k, inv_freq=inv_freq(head_dim, pairs).to(DEV), rotated_pairs=pairs, inplace=True)
+    assert torch.equal(q.view(torch.int16)[..., keep], bits[..., keep])
+    assert not q[..., ~keep].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_scale_and_inverse(dtype):
+    head_dim = 64
+    q = torch.randn(2, 5, 3, head_dim, device=DEV, dtype=dtype)
+    k = torch.randn(2, 5, 1, head_dim, device=DEV, dtype=dtype)
+    positions = torch.randint(0, 200_000, (2, 5), device=DEV)
+    inv = inv_freq(head_dim, head_dim // 2)
+    for inverse in (False, True):
+        q2, k2 = posenc.apply_rotary(q, k, positions=positions, inv_freq=inv.to(DEV), scale=1.25, inverse=inverse)
+        if dtype == torch.float64:
+            # float64 storage computes in float64: compare with the reference, which forms its angles the
+            # same way (the float64 product and its reduction modulo 2*pi), not with the unreduced angle
+            want = rotary_reference(q.cpu(), k.cpu(), None, None, inv, positions.cpu(), 1.25, head_dim,
+                                    head_dim // 2, False, inverse)
+        else:
+            want = [rotate64(x.cpu(), (-1 if inverse else 1) * positions.cpu(), inv, scale=1.25) for x in (q, k)]
+        # The output is 1.25x the pair magnitude: two rounding steps of that. For float64 both sides carry
+        # their sin/cos library's error, up to 2 ulp on CUDA (CUDA Math API) and 1 on the CPU, on top of the
+        # rounding of each product: four steps.
+        steps = 4.0 if dtype == torch.float64 else 2.0
+        for x, out, w in ((q, q2, want[0]), (k, k2, want[1])):
+            assert_close_to_64(out.cpu(), w.double(), x.cpu() * 1.25, dtype, factor=steps)
+
+
+def test_views_sliced_heads_and_odd_offsets():
+    """Non-contiguous head strides (vector path) and odd channel offsets (scalar path)."""
+    base = torch.randn(2, 6, 10, 136, device=DEV, dtype=torch.bfloat16)
+    positions = torch.randint(0, 5000, (2, 6), device=DEV)
+    inv = inv_freq(128, 40)
+    for q in (base[:, :, 2:8, :128], base[:, :, :4, 1:129], base.transpose(1, 2)[:, 1:7, :, 8:136].transpose(1, 2)):
+        k = q[:, :, :1]
+        q2, k2 = posenc.apply_rotary(q, k, positions=positions, inv_freq=inv.to(DEV), rotated_pairs=40)
+        for x, out in ((q, q2), (k, k2)):
+            assert_close_to_64(out.cpu(), rotate64(x.cpu(), positions.cpu(), inv), x.cpu(), torch.bfloat16)
+
+
+def test_decode_per_row_positions():
+    enc = posenc.RoPE(128)
+    q = torch.randn(64, 1, 32, 128, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(64, 1, 8, 128, device=DEV, dtype=torch.bfloat16)
+    positions = torch.randint(0, 100_000, (64, 1), device=DEV)
+    q2, k2 = enc.apply(q, k, positions)
+    for x, out in ((q, q2), (k, k2)):
+        assert_close_to_64(out.cpu(), rotate64(x.cpu(), positions.cpu(), enc.inv_freq64.cpu()), x.cpu(), torch.bfloat16)
+
+
+def test_packed_varlen_equals_per_sequence():
+    enc = posenc.HoPE(64, context_length=512)
+    lengths = [3, 1, 6]
+    q = torch.randn(sum(lengths), 4, 64, device=DEV)
+    k = torch.randn(sum(lengths), 2, 64, device=DEV)
+    cu = torch.tensor([0, 3, 4, 10], dtype=torch.int32, device=DEV)
+    q2, k2 = enc.apply(q, k, cu_seqlens=cu)
+    start = 0
+    for n in lengths:
+        qs, ks = enc.apply(q[None, start:start + n], k[None, start:start + n])
+        assert torch.equal(q2[start:start + n], qs[0]) and torch.equal(k2[start:start + n], ks[0])
+        start += n
+
+
+def test_table_position_out_of_range_gives_nan_not_a_read():
+    """The Python entry point rejects such positions; the raw op (as under capture) must not read outside."""
+    cos, sin = table(64, 32, 16)
+    q = torch.randn(1, 3, 2, 64, device=DEV)
+    k = torch.randn(1, 3, 1, 64, device=DEV)
+    positions = torch.tensor([[0, 16, 1 << 40]], device=DEV)
+    q2, k2 = torch.ops.posenc.rotary(q, k, cos, sin, None, positions, 1.0, 64, 32, False, False)
+    assert q2[0, 1:].isnan().all() and k2[0, 1:].isnan().all()
+    assert not q2[0, 0].isnan().any()
+    with pytest.raises(ValueError, match="positions"):
+        posenc.apply_rotary(q, k, cos, sin, positions)
+
+
+def op_args(tables, head_dim=64, pairs=24):
+    positions = torch.randint(0, 100, (2, 1), device=DEV) + torch.arange(5, device=DEV)
+    inv = inv_freq(head_dim, pairs).to(DEV)
+    if tables:
+        cos, sin = table(head_dim, pairs, 128)
+        return (cos, sin, None, positions, 1.0, head_dim, pairs, False, False)
+    return (None, None, inv, positions, 1.0, head_dim, pairs, False, False)
+
+
+@pytest.mark.parametrize("tables", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_opcheck(tables, inplace):
+    q = torch.randn(2, 5, 4, 64, device=DEV, requires_grad=not inplace)
+    k = torch.randn(2, 5, 2, 64, device=DEV, requires_grad=not inplace)
+    op = torch.ops.posenc.rotary_.default if inplace else torch.ops.posenc.rotary.default
+    torch.library.opcheck(op, (q, k, *op_args(tables)))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("kind", ["rope", "hope"])
+def test_gradcheck_float64(interleaved, kind):
+    enc = posenc.get_encoding(kind, head_dim=32, interleaved=interleaved,
+                              **({"context_length": 64} if kind == "hope" else {})).to(DEV)
+    positions = torch.randint(0, 100_000, (2, 1), device=DEV) + torch.arange(3, device=DEV)
+    q = torch.randn(2, 3, 2, 32, dtype=torch.float64, device=DEV, requires_grad=True)
+    k = torch.randn(2, 3, 1, 32, dtype=torch.float64, device=DEV, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: enc.apply(a, b, positions), (q, k))
+    assert torch.autograd.gradgradcheck(lambda a, b: enc.apply(a, b, positions), (q, k))
+
+
+def test_torch_compile_fullgraph():
+    enc = posenc.HoPE(128, context_length=1024).to(DEV)
+
+    def f(q, k, positions):
+        q2, k2 = enc.apply(q, k, positions)
+        return (q2 * 2).sum(-1), k2 + 1
+
+    compiled = torch.compile(f, fullgraph=True)
+    q = torch.randn(2, 6, 4, 128, device=DEV, requires_grad=True)
+    k = torch.randn(2, 6, 2, 128, device=DEV)
+    positions = torch.randint(0, 50_000, (2, 6), device=DEV)
+    for a, b in zip(compiled(q, k, positions), f(q, k, positions)):
+        torch.testing.assert_close(a, b)
+    compiled(q, k, positions)[0].sum().backward()
+    g_compiled = q.grad.clone()
+    q.grad = None
+    f(q, k, positions)[0].sum().backward()
+    torch.testing.assert_close(g_compiled, q.grad)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_graph_capture_and_replay(inplace):
+    enc = posenc.PRoPE(128, p=0.25)
+    static_q = torch.randn(2, 8, 8, 128, device=DEV, dtype=torch.bfloat16)
+    static_k = torch.randn(2, 8, 2, 128, device=DEV, dtype=torch.bfloat16)
+    static_pos = torch.randint(0, 1000, (2, 8), device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture (moves the encoding to the GPU)
+        enc.apply(static_q.clone(), static_k.clone(), static_pos, inplace=inplace)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = enc.apply(static_q, static_k, static_pos, inplace=inplace)
+    for _ in range(2):
+        q = torch.randn_like(static_q)
+        k = torch.randn_like(static_k)
+        pos = torch.randint(0, 300_000, (2, 8), device=DEV)
+        static_q.copy_(q)
+        static_k.copy_(k)
+        static_pos.copy_(pos)
+        graph.replay()
+        want = enc.apply(q, k, pos)
+        assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+
+
+def test_inputs_on_a_second_stream():
+    """The kernel runs on the caller's current stream: inputs produced late on a side stream are seen."""
+    enc = posenc.RoPE(128)
+    q_src = torch.randn(4, 64, 8, 128, device=DEV, dtype=torch.bfloat16)
+    k_src = torch.randn(4, 64, 2, 128, device=DEV, dtype=torch.bfloat16)
+    positions = torch.randint(0, 100_000, (4, 64), device=DEV)
+    want = enc.apply(q_src, k_src, positions)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(20_000_000)  # the inputs below are written well after the host moves on
+        q = q_src * 1
+        k = k_src * 1
+        got = enc.apply(q, k, positions)
+        q_in, k_in = q.clone(), k.clone()
+        enc.apply(q_in, k_in, positions, inplace=True)
+    side.synchronize()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(q_in, want[0]) and torch.equal(k_in, want[1])
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test extra
+    given = None
+
+if given is not None:
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        batch=st.integers(1, 3), seq=st.integers(1, 6), hq=st.integers(1, 5), hk=st.integers(1, 3),
+        half=st.integers(1, 40), rot_frac=st.floats(0.1, 1.0), pair_frac=st.floats(0.0, 1.0),
+        interleaved=st.booleans(), transpose=st.booleans(), sliced=st.booleans(), inplace=st.booleans(),
+        dtype=st.sampled_from(DTYPES), tables=st.booleans(), max_pos=st.sampled_from([10, 1000, 300_000]),
+        data=st.data(),
+    )
+    def test_property_random_shapes_and_strides(batch, seq, hq, hk, half, rot_frac, pair_frac, interleaved,
+                                                transpose, sliced, inplace, dtype, tables, max_pos, data):
+        head_dim = 2 * half
+        rotary_dim = max(2, 2 * int(half * rot_frac))
+        pairs = int(rotary_dim // 2 * pair_frac)
+        gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+
+        def make(heads):
+            if transpose:  # a bhsd-contiguous buffer seen as bshd
+                x = torch.randn(batch, heads, seq, head_dim + 2 * sliced, generator=gen).transpose(1, 2)
+            else:
+                x = torch.randn(batch, seq, heads, head_dim + 2 * sliced, generator=gen)
+            x = x.to(dtype).to(DEV)
+            return x[..., 1:head_dim + 1] if sliced else x  # sliced: odd offset, scalar path
+
+        q, k = make(hq), make(hk)
+        positions = torch.randint(0, max_pos, (batch, seq), generator=gen)
+        inv = inv_freq(rotary_dim, pairs)
+        kw = dict(rotary_dim=rotary_dim, rotated_pairs=pairs, interleaved=interleaved, inplace=inplace)
+        if tables:
+            angle = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv
+            cos, sin = angle.cos().float(), angle.sin().float()
+            src = dict(cos=cos.to(DEV), sin=sin.to(DEV))
+        else:
+            src = dict(inv_freq=inv.to(DEV))
+        q0, k0 = q.clone(), k.clone()
+        q2, k2 = posenc.apply_rotary(q, k, positions=positions.to(DEV), **src, **kw)
+        if inplace:
+            assert q2 is q and k2 is k
+        else:
+            assert torch.equal(q, q0) and torch.equal(k, k0)
+        for x, out in ((q0, q2), (k0, k2)):
+            if tables:
+                want = rotate64_tables(x, cos[positions], sin[positions], rotary_dim, interleaved, "bshd")
+            else:
+                want = rotate64(x.cpu(), positions, inv, rotary_dim, interleaved)
+            assert_close_to_64(out.cpu(), want, x.cpu(), dtype, rotary_dim, interleaved)
