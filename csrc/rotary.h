@@ -51,7 +51,12 @@ POSENC_HD void pair_cos_sin(const RotaryParams& p, int64_t pos, int i, Acc& c, A
   if (p.inv_freq != nullptr) {
     const double two_pi = 6.283185307179586476925286766559;
     double a = static_cast<double>(pos) * p.inv_freq[i];
+#ifdef __CUDA_ARCH__
+    // The same roundings as on the CPU and in the reference (nvcc would fuse this into an FMA otherwise).
+    a = __dsub_rn(a, __dmul_rn(two_pi, rint(__dmul_rn(a, 1.0 / two_pi))));
+#else
     a -= two_pi * rint(a * (1.0 / two_pi));  // |a| <= pi: float32 sin/cos are then accurate
+#endif
 #ifdef __CUDACC__
     sincos(static_cast<Acc>(a), &s, &c);
 #else
