@@ -92,6 +92,12 @@ def test_lora_finetune_save_reload(family, encoding, kwargs, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=batch).logits, expected)
 
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")  # a merged copy keeps the patch too
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
+    assert posenc.is_patched(merged)
+    with torch.no_grad():
+        assert (merged.eval()(input_ids=batch).logits - expected).abs().max().item() <= 1e-4
+
 
 def test_patch_a_peft_model():
     peft = pytest.importorskip("peft")
