@@ -384,6 +384,17 @@ def test_bad_arguments_raise_and_leave_model_alone(kwargs, error, match, ids):
     assert model.config.to_dict() == config_before and torch.equal(logits(model, ids), ref)
 
 
+def test_gemma4_kv_sharing_groups_stay_whole(ids):
+    model = tiny_model("gemma4_text", num_hidden_layers=6, num_kv_shared_layers=2,
+                       layer_types=["sliding_attention", "full_attention"] * 3)
+    with pytest.raises(ValueError, match="share keys and values"):
+        posenc.patch(model, "nope", layers=[5])  # reuses layer 3's keys
+    ref = logits(model, ids)
+    posenc.patch(model, "nope", layers=[1, 3, 5])
+    assert model.config.rope_parameters["full_attention"]["posenc"]["layers"] is None
+    assert (logits(model, ids) - ref).abs().max() > 0
+
+
 def test_dynamic_rope_refused():
     model = tiny_model("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})
     with pytest.raises(ValueError, match="dynamic"):

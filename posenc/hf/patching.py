@@ -331,6 +331,22 @@ def _select_layers(config, layers) -> set[int]:
     return chosen
 
 
+def _check_kv_sharing(config, selected: set[int], layers) -> None:
+    """Gemma 4's last `num_kv_shared_layers` layers reuse the (rotated) keys of the last earlier layer of their
+    type: a patch must take such a group whole, or queries and keys would use different encodings."""
+    shared = getattr(config, "num_kv_shared_layers", 0) or 0
+    types = getattr(config, "layer_types", None)
+    if not shared or not types:
+        return
+    first = config.num_hidden_layers - shared
+    for layer_type in set(types[first:]):
+        source = max(i for i in range(first) if types[i] == layer_type)
+        tied = [source] + [i for i in range(first, config.num_hidden_layers) if types[i] == layer_type]
+        if 0 < len(selected.intersection(tied)) < len(tied):
+            raise ValueError(f"layers={layers!r} splits layers {tied}, which share keys and values "
+                             "(num_kv_shared_layers); patch all of them or none")
+
+
 def _default_context_length(config, params) -> int:
     """HoPE's L: the length the model was pretrained on (original_max_position_embeddings where scaled)."""
     for value in (params.get("original_max_position_embeddings"),
@@ -416,6 +432,7 @@ def patch(model, encoding: str = "hope", layers=None, kernel: bool = True, **enc
 def _patched_parameters(config, layers, name, kernel, encoding_kwargs) -> dict:
     """The patched `rope_parameters` for this config (computed and checked without changing anything)."""
     selected = _select_layers(config, layers)
+    _check_kv_sharing(config, selected, layers)
     original = _original_rope_parameters(config)  # patching again replaces the earlier patch
     if not original:
         raise ValueError("the model has no rope parameters to patch")
