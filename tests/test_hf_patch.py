@@ -405,3 +405,23 @@ def test_malformed_posenc_config_rejected():
     with pytest.raises(Exception, match="rope_type 'posenc' needs") as info:  # transformers may wrap it
         tiny_config("llama", rope_parameters={"rope_type": "posenc", "rope_theta": 1e4, "posenc": {"encoding": "x"}})
     assert isinstance(info.value, ValueError) or isinstance(info.value.__cause__, ValueError)
+
+
+def test_gemma3_multimodal_wrapper_patches_its_language_model(ids, tmp_path, kernel_calls):
+    text = tiny_config("gemma3_text")
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=4)
+    config._attn_implementation = "eager"
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    ref = logits(model, ids)
+    posenc.patch(model, "hope", context_length=32)
+    assert model.config.text_config.rope_parameters["full_attention"]["rope_type"] == "posenc"
+    out = logits(model, ids)
+    assert kernel_calls and (out - ref).abs().max() > 1e-4
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    assert torch.equal(logits(reloaded.eval(), ids), out)
+    posenc.unpatch(reloaded)
+    assert torch.equal(logits(reloaded, ids), ref)
