@@ -150,8 +150,11 @@ def test_cos_sin_tables(interleaved):
     c32, s32 = enc.cos_sin(positions)
     via_tables = posenc.apply_rotary(q, k, c32, s32, interleaved=interleaved)
     direct = enc.apply(q, k, positions)
-    for a, b in zip(via_tables, direct):
-        torch.testing.assert_close(a, b, rtol=0, atol=3e-7)
+    inv = expected_inv_freq("hope", 64, context_length=512)
+    for x, a, b in ((q, via_tables[0], direct[0]), (k, via_tables[1], direct[1])):
+        for out in (a, b):  # both within two float32 rounding steps of the exact rotation
+            assert_close_to_64(out, rotate64(x, positions, inv, interleaved=interleaved), x, torch.float32,
+                               interleaved=interleaved)
 
 
 @pytest.mark.parametrize("rope_type,params", [
