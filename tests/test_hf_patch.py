@@ -425,3 +425,21 @@ def test_gemma3_multimodal_wrapper_patches_its_language_model(ids, tmp_path, ker
     assert torch.equal(logits(reloaded.eval(), ids), out)
     posenc.unpatch(reloaded)
     assert torch.equal(logits(reloaded, ids), ref)
+
+
+def test_accelerate_hooks_installed_before_patch_still_dispatch(ids, kernel_calls):
+    """A model dispatched with accelerate before its family was first patched holds the attention's original
+    bound forward in `_old_forward`; patch points it at the dispatching forward."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = tiny_model("qwen3")
+    attention = type(model.model.layers[0].self_attn)
+    for layer in model.model.layers:
+        hooks.add_hook_to_module(layer.self_attn, hooks.ModelHook())
+        original = getattr(attention.forward, "_posenc_original", attention.forward)
+        layer.self_attn._old_forward = original.__get__(layer.self_attn)  # as if hooked before install
+    expected = copy.deepcopy(model)
+    hand_mask(expected, nope_rule)
+    posenc.patch(model, "nope")
+    out = logits(model, ids)
+    assert len(kernel_calls) == model.config.num_hidden_layers
+    assert (out - logits(expected, ids)).abs().max().item() <= 1e-5

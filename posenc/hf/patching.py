@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import threading
+import types
 from dataclasses import dataclass
 
 import torch
@@ -285,6 +286,20 @@ def _install(family: Family | None) -> None:
         _INSTALLED.add(family)
 
 
+def _rebind_captured_forwards(model, family: Family) -> None:
+    """Hooks that saved an attention module's bound forward before the family was installed (accelerate's
+    `_old_forward`, for models dispatched over devices) would bypass the wrapper: point them at it."""
+    attention = getattr(family.load(), family.attention)
+    original = attention.forward._posenc_original
+    for module in model.modules():
+        if not isinstance(module, attention):
+            continue
+        for name in ("_old_forward", "forward"):
+            bound = module.__dict__.get(name)
+            if getattr(bound, "__func__", None) is original:
+                setattr(module, name, types.MethodType(attention.forward, module))
+
+
 # ------------------------------------------------------------------------------------------ the public API
 def _targets(model) -> list[tuple[Family, object, list]]:
     """[(family, text config, its rotary modules)] found in the model (a PreTrainedModel, PeftModel, ...)."""
@@ -423,6 +438,7 @@ def patch(model, encoding: str = "hope", layers=None, kernel: bool = True, **enc
     for family, config, rotaries, new in plans:
         config = private[id(config)]
         _install(family)
+        _rebind_captured_forwards(model, family)
         config.rope_parameters = new
         for rotary in rotaries:
             _refresh_rotary(rotary)
