@@ -4,11 +4,12 @@ from .frequencies import ROPE_TYPES, rope_frequencies
 from .encodings import ENCODINGS, Encoding, HoPE, NoPE, PRoPE, RoPE, get_encoding
 from .attention import Attention, HoPEAttention, KVCache, NoPEAttention, PRoPEAttention, RoPEAttention
 from .models import TinyDecoder
+from .hf import is_patched, patch, unpatch  # transformers integration (imports transformers lazily)
 
 __version__ = "0.1.0"
-__all__ = ["apply_rotary", "backend", "rotary_reference", "ROPE_TYPES", "rope_frequencies", "Encoding", "RoPE",
-           "PRoPE", "HoPE", "NoPE", "get_encoding", "ENCODINGS"]
-__all__ += ["Attention", "RoPEAttention", "PRoPEAttention", "HoPEAttention", "NoPEAttention", "KVCache",
-            "TinyDecoder"]
-from .hf import is_patched, patch, unpatch  # transformers integration (imports transformers lazily)
-__all__ += ["patch", "unpatch", "is_patched"]
+__all__ = [
+    "apply_rotary", "backend", "rotary_reference", "ROPE_TYPES", "rope_frequencies",
+    "Encoding", "RoPE", "PRoPE", "HoPE", "NoPE", "get_encoding", "ENCODINGS",
+    "Attention", "RoPEAttention", "PRoPEAttention", "HoPEAttention", "NoPEAttention", "KVCache", "TinyDecoder",
+    "patch", "unpatch", "is_patched",
+]
