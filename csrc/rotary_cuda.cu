@@ -193,14 +193,17 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   const int n = p.rotated_pairs;
 
   // ---- 1. per-token cos/sin and row offsets, once per block
-  for (int t = threadIdx.x; t < T_here; t += blockDim.x) {
+  // Threads form a 2-D block: x walks the chunks of a head row (fixed per thread on the fast path, so no
+  // index arithmetic per unit), y walks the (token, head) rows.
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
+  for (int t = tid; t < T_here; t += nthreads) {
     const int64_t tok = tok0 + t, b = tok / p.seqlen, s = tok - b * p.seqlen;
     offs[4 * t + 0] = b * p.q_in.stride[0] + s * p.q_in.stride[1];
     offs[4 * t + 1] = b * p.k_in.stride[0] + s * p.k_in.stride[1];
     offs[4 * t + 2] = b * p.q_out.stride[0] + s * p.q_out.stride[1];
     offs[4 * t + 3] = b * p.k_out.stride[0] + s * p.k_out.stride[1];
   }
-  for (int idx = threadIdx.x; idx < T_here * L.n_stride; idx += blockDim.x) {
+  for (int idx = tid; idx < T_here * L.n_stride; idx += nthreads) {
     const int t = idx / L.n_stride, i = idx - t * L.n_stride;
     Acc c = 1, s = 0;  // padding: never used for output, initialised all the same
     if (i < n) {
@@ -223,70 +226,71 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   const int h_begin = blockIdx.y * L.heads_per_block;
   const int h_count = min(L.heads_per_block, h_total - h_begin);
   const int uph = L.units_per_head;
-  const int whole = T_here * h_count * uph;
   const int half = p.rotary_dim / 2;
 
-  // Whole units, kBatch per thread at a time: every load of the batch is issued before any store, so a
+  // Whole units, kBatch rows per thread at a time: every load of the batch is issued before any store, so a
   // thread keeps several 16-byte requests in flight (the loads of one unit cannot otherwise pass the
   // stores of the previous one, which might alias them).
   constexpr int kBatch = 4;
-  for (int base = threadIdx.x; base < whole; base += kBatch * blockDim.x) {
-    const T* in[kBatch];
-    T* out[kBatch];
-    int64_t ics[kBatch], ocs[kBatch];
-    int ch1[kBatch], ch2[kBatch], cnt[kBatch], tok[kBatch];
-    Vec<T, W> a[kBatch], b[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int u = base + j * blockDim.x;
-      if (u >= whole) break;
-      const int chunk = u % uph, r = u / uph;
-      const int t = r / h_count;
-      const int head = h_begin + (r - t * h_count);
-      const bool is_q = head < hq;
-      const int hd = is_q ? head : head - hq;
-      const RotaryTensor& xi = is_q ? p.q_in : p.k_in;
-      const RotaryTensor& xo = is_q ? p.q_out : p.k_out;
-      in[j] = static_cast<const T*>(xi.data) + offs[4 * t + (is_q ? 0 : 1)] + hd * xi.stride[2];
-      out[j] = static_cast<T*>(xo.data) + offs[4 * t + (is_q ? 2 : 3)] + hd * xo.stride[2];
-      ics[j] = kUnit ? 1 : xi.stride[3];
-      ocs[j] = kUnit ? 1 : xo.stride[3];
-      tok[j] = t;
-      if (kInter) {  // one vector: W channels, W/2 pairs
-        ch1[j] = chunk * W;
-        ch2[j] = -1;
-        cnt[j] = max(0, min(n - ch1[j] / 2, W / 2));
-      } else if (chunk < L.rot_units) {  // the matching vectors of both halves
-        ch1[j] = chunk * W;
-        ch2[j] = ch1[j] + half;
-        cnt[j] = max(0, min(n - ch1[j], W));
-      } else {  // out of place: channels past rotary_dim, copied
-        ch1[j] = p.rotary_dim + (chunk - L.rot_units) * W;
-        ch2[j] = -1;
-        cnt[j] = 0;
-      }
-      a[j] = load<W, kUnit>(in[j], ch1[j], ics[j]);
-      if (ch2[j] >= 0) b[j] = load<W, kUnit>(in[j], ch2[j], ics[j]);
+  const int rows = T_here * h_count;
+  for (int chunk = threadIdx.x; chunk < uph; chunk += blockDim.x) {
+    int ch1, ch2, cnt;  // this thread's channels: the same in every row
+    if (kInter) {  // one vector: W channels, W/2 pairs
+      ch1 = chunk * W;
+      ch2 = -1;
+      cnt = max(0, min(n - ch1 / 2, W / 2));
+    } else if (chunk < L.rot_units) {  // the matching vectors of both halves
+      ch1 = chunk * W;
+      ch2 = ch1 + half;
+      cnt = max(0, min(n - ch1, W));
+    } else {  // out of place: channels past rotary_dim, copied
+      ch1 = p.rotary_dim + (chunk - L.rot_units) * W;
+      ch2 = -1;
+      cnt = 0;
     }
+    for (int r0 = threadIdx.y; r0 < rows; r0 += kBatch * blockDim.y) {
+      T* out[kBatch];
+      int tok[kBatch];
+      int64_t ocs[kBatch];
+      Vec<T, W> a[kBatch], b[kBatch];
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      if (base + j * blockDim.x >= whole) break;
-      if (cnt[j] > 0) {
-        const Acc* cs = cos_s + tok[j] * L.n_stride;
-        const Acc* sn = sin_s + tok[j] * L.n_stride;
-        if constexpr (kInter) {
-          mix_inter<W>(a[j], ch1[j], cs, sn, cnt[j]);
-        } else {
-          mix_half<W>(a[j], b[j], ch1[j], cs, sn, cnt[j]);
-        }
+      for (int j = 0; j < kBatch; ++j) {
+        const int r = r0 + j * blockDim.y;
+        if (r >= rows) break;
+        const int t = r / h_count;
+        const int head = h_begin + (r - t * h_count);
+        const bool is_q = head < hq;
+        const int hd = is_q ? head : head - hq;
+        const RotaryTensor& xi = is_q ? p.q_in : p.k_in;
+        const RotaryTensor& xo = is_q ? p.q_out : p.k_out;
+        const T* in = static_cast<const T*>(xi.data) + offs[4 * t + (is_q ? 0 : 1)] + hd * xi.stride[2];
+        out[j] = static_cast<T*>(xo.data) + offs[4 * t + (is_q ? 2 : 3)] + hd * xo.stride[2];
+        const int64_t ics = kUnit ? 1 : xi.stride[3];
+        ocs[j] = kUnit ? 1 : xo.stride[3];
+        tok[j] = t;
+        a[j] = load<W, kUnit>(in, ch1, ics);
+        if (ch2 >= 0) b[j] = load<W, kUnit>(in, ch2, ics);
       }
-      store<W, kUnit>(out[j], ch1[j], ocs[j], a[j]);
-      if (ch2[j] >= 0) store<W, kUnit>(out[j], ch2[j], ocs[j], b[j]);
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        if (r0 + j * blockDim.y >= rows) break;
+        if (cnt > 0) {
+          const Acc* cs = cos_s + tok[j] * L.n_stride;
+          const Acc* sn = sin_s + tok[j] * L.n_stride;
+          if constexpr (kInter) {
+            mix_inter<W>(a[j], ch1, cs, sn, cnt);
+          } else {
+            mix_half<W>(a[j], b[j], ch1, cs, sn, cnt);
+          }
+        }
+        store<W, kUnit>(out[j], ch1, ocs[j], a[j]);
+        if (ch2 >= 0) store<W, kUnit>(out[j], ch2, ocs[j], b[j]);
+      }
     }
   }
 
   if constexpr (kUnit && kPartial) {  // in place: the chunk holding the last rotated pairs of each head
-    for (int r = threadIdx.x; r < T_here * h_count; r += blockDim.x) {
+    for (int r = tid; r < rows; r += nthreads) {
       const int t = r / h_count;
       const int head = h_begin + (r - t * h_count);
       const bool is_q = head < hq;
@@ -367,16 +371,18 @@ void launch_with(const RotaryParams& p) {
   }
   const int64_t units_per_block = static_cast<int64_t>(L.tokens_per_block) * L.heads_per_block * per_head;
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, (units_per_block + 31) / 32 * 32));
+  const int bx = std::max(1, std::min(L.units_per_head, threads));
+  const dim3 block(bx, std::max(1, threads / bx));
   const dim3 grid(static_cast<unsigned>((L.tokens + L.tokens_per_block - 1) / L.tokens_per_block), splits);
   const size_t smem = L.tokens_per_block * (4 * sizeof(int64_t) + 2 * sizeof(Acc) * L.n_stride);
   if constexpr (kUnit) {
     if (L.partial_rem != 0) {
-      rotary_kernel<T, V, kInter, true><<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
+      rotary_kernel<T, V, kInter, true><<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
-  rotary_kernel<T, V, kInter, false><<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
+  rotary_kernel<T, V, kInter, false><<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
