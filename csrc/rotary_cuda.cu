@@ -67,36 +67,45 @@ __device__ __forceinline__ void store(T* row, int ch, int64_t cs, const Vec<T, W
   }
 }
 
-// Half-split: pairs ch..ch+W-1 held in a (channels [ch, ch+W)) and b ([ch+h, ch+h+W)); the first `cnt`
-// rotate, the rest keep their values. cs/sn point at the token's cos/sin row in shared memory.
-template <int W, typename T, typename Acc>
-__device__ __forceinline__ void mix_half(Vec<T, W>& a, Vec<T, W>& b, int ch, const Acc* cs, const Acc* sn,
-                                         int cnt) {
+// Half-split: pairs ch..ch+W-1, i.e. channels [ch, ch+W) and [ch+h, ch+h+W). The first `cnt` pairs rotate,
+// the rest are copied (cnt == W: all rotate). cs/sn point at the token's cos/sin row in shared memory.
+template <int W, bool kUnit, typename T, typename Acc>
+__device__ __forceinline__ void rotate_half(const T* in, int64_t ics, T* out, int64_t ocs, int ch, int h,
+                                            const Acc* cs, const Acc* sn, int cnt) {
+  const Vec<T, W> a = load<W, kUnit>(in, ch, ics);
+  const Vec<T, W> b = load<W, kUnit>(in, ch + h, ics);
   const Vec<Acc, W> c = *reinterpret_cast<const Vec<Acc, W>*>(cs + ch);
   const Vec<Acc, W> s = *reinterpret_cast<const Vec<Acc, W>*>(sn + ch);
+  Vec<T, W> oa, ob;
 #pragma unroll
   for (int e = 0; e < W; ++e) {
     const Acc x1 = static_cast<Acc>(a.v[e]), x2 = static_cast<Acc>(b.v[e]);
-    if (e < cnt) {
-      a.v[e] = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
-      b.v[e] = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
-    }
+    const T r1 = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
+    const T r2 = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
+    oa.v[e] = e < cnt ? r1 : a.v[e];
+    ob.v[e] = e < cnt ? r2 : b.v[e];
   }
+  store<W, kUnit>(out, ch, ocs, oa);
+  store<W, kUnit>(out, ch + h, ocs, ob);
 }
 
-// Interleaved: channels [ch, ch+W) (ch even) held in a, pairs ch/2 .. ch/2 + W/2 - 1; the first `cnt` rotate.
-template <int W, typename T, typename Acc>
-__device__ __forceinline__ void mix_inter(Vec<T, W>& a, int ch, const Acc* cs, const Acc* sn, int cnt) {
+// Interleaved: channels [ch, ch+W) (ch even), pairs ch/2 .. ch/2 + W/2 - 1; the first `cnt` pairs rotate.
+template <int W, bool kUnit, typename T, typename Acc>
+__device__ __forceinline__ void rotate_inter(const T* in, int64_t ics, T* out, int64_t ocs, int ch,
+                                             const Acc* cs, const Acc* sn, int cnt) {
+  const Vec<T, W> a = load<W, kUnit>(in, ch, ics);
   const Vec<Acc, W / 2> c = *reinterpret_cast<const Vec<Acc, W / 2>*>(cs + ch / 2);
   const Vec<Acc, W / 2> s = *reinterpret_cast<const Vec<Acc, W / 2>*>(sn + ch / 2);
+  Vec<T, W> o;
 #pragma unroll
   for (int e = 0; e < W / 2; ++e) {
     const Acc x1 = static_cast<Acc>(a.v[2 * e]), x2 = static_cast<Acc>(a.v[2 * e + 1]);
-    if (e < cnt) {
-      a.v[2 * e] = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
-      a.v[2 * e + 1] = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
-    }
+    const T r1 = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
+    const T r2 = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
+    o.v[2 * e] = e < cnt ? r1 : a.v[2 * e];
+    o.v[2 * e + 1] = e < cnt ? r2 : a.v[2 * e + 1];
   }
+  store<W, kUnit>(out, ch, ocs, o);
 }
 
 // In place, the chunk holding the last rotated pair: its first R channels-worth (pairs for half-split,
@@ -193,17 +202,14 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   const int n = p.rotated_pairs;
 
   // ---- 1. per-token cos/sin and row offsets, once per block
-  // Threads form a 2-D block: x walks the chunks of a head row (fixed per thread on the fast path, so no
-  // index arithmetic per unit), y walks the (token, head) rows.
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
-  for (int t = tid; t < T_here; t += nthreads) {
+  for (int t = threadIdx.x; t < T_here; t += blockDim.x) {
     const int64_t tok = tok0 + t, b = tok / p.seqlen, s = tok - b * p.seqlen;
     offs[4 * t + 0] = b * p.q_in.stride[0] + s * p.q_in.stride[1];
     offs[4 * t + 1] = b * p.k_in.stride[0] + s * p.k_in.stride[1];
     offs[4 * t + 2] = b * p.q_out.stride[0] + s * p.q_out.stride[1];
     offs[4 * t + 3] = b * p.k_out.stride[0] + s * p.k_out.stride[1];
   }
-  for (int idx = tid; idx < T_here * L.n_stride; idx += nthreads) {
+  for (int idx = threadIdx.x; idx < T_here * L.n_stride; idx += blockDim.x) {
     const int t = idx / L.n_stride, i = idx - t * L.n_stride;
     Acc c = 1, s = 0;  // padding: never used for output, initialised all the same
     if (i < n) {
@@ -226,79 +232,59 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   const int h_begin = blockIdx.y * L.heads_per_block;
   const int h_count = min(L.heads_per_block, h_total - h_begin);
   const int uph = L.units_per_head;
+  const int whole = T_here * h_count * uph;
+  const int units = whole + (kPartial ? T_here * h_count : 0);
   const int half = p.rotary_dim / 2;
 
-  // Whole units, kBatch rows per thread at a time: every load of the batch is issued before any store, so a
-  // thread keeps several 16-byte requests in flight (the loads of one unit cannot otherwise pass the
-  // stores of the previous one, which might alias them).
-  constexpr int kBatch = 4;
-  const int rows = T_here * h_count;
-  for (int chunk = threadIdx.x; chunk < uph; chunk += blockDim.x) {
-    int ch1, ch2, cnt;  // this thread's channels: the same in every row
-    if (kInter) {  // one vector: W channels, W/2 pairs
-      ch1 = chunk * W;
-      ch2 = -1;
-      cnt = max(0, min(n - ch1 / 2, W / 2));
-    } else if (chunk < L.rot_units) {  // the matching vectors of both halves
-      ch1 = chunk * W;
-      ch2 = ch1 + half;
-      cnt = max(0, min(n - ch1, W));
-    } else {  // out of place: channels past rotary_dim, copied
-      ch1 = p.rotary_dim + (chunk - L.rot_units) * W;
-      ch2 = -1;
-      cnt = 0;
+  for (int u = threadIdx.x; u < units; u += blockDim.x) {
+    // whole units first, the partial chunks (in place only) after them: warps stay on one path
+    int chunk, r;
+    if (u < whole) {
+      chunk = u % uph;
+      r = u / uph;
+    } else {
+      chunk = uph;
+      r = u - whole;
     }
-    for (int r0 = threadIdx.y; r0 < rows; r0 += kBatch * blockDim.y) {
-      T* out[kBatch];
-      int tok[kBatch];
-      int64_t ocs[kBatch];
-      Vec<T, W> a[kBatch], b[kBatch];
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int r = r0 + j * blockDim.y;
-        if (r >= rows) break;
-        const int t = r / h_count;
-        const int head = h_begin + (r - t * h_count);
-        const bool is_q = head < hq;
-        const int hd = is_q ? head : head - hq;
-        const RotaryTensor& xi = is_q ? p.q_in : p.k_in;
-        const RotaryTensor& xo = is_q ? p.q_out : p.k_out;
-        const T* in = static_cast<const T*>(xi.data) + offs[4 * t + (is_q ? 0 : 1)] + hd * xi.stride[2];
-        out[j] = static_cast<T*>(xo.data) + offs[4 * t + (is_q ? 2 : 3)] + hd * xo.stride[2];
-        const int64_t ics = kUnit ? 1 : xi.stride[3];
-        ocs[j] = kUnit ? 1 : xo.stride[3];
-        tok[j] = t;
-        a[j] = load<W, kUnit>(in, ch1, ics);
-        if (ch2 >= 0) b[j] = load<W, kUnit>(in, ch2, ics);
-      }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        if (r0 + j * blockDim.y >= rows) break;
-        if (cnt > 0) {
-          const Acc* cs = cos_s + tok[j] * L.n_stride;
-          const Acc* sn = sin_s + tok[j] * L.n_stride;
-          if constexpr (kInter) {
-            mix_inter<W>(a[j], ch1, cs, sn, cnt);
-          } else {
-            mix_half<W>(a[j], b[j], ch1, cs, sn, cnt);
-          }
-        }
-        store<W, kUnit>(out[j], ch1, ocs[j], a[j]);
-        if (ch2 >= 0) store<W, kUnit>(out[j], ch2, ocs[j], b[j]);
-      }
-    }
-  }
+    const int t = r / h_count;
+    const int head = h_begin + (r - t * h_count);
+    const bool is_q = head < hq;
+    const int hd = is_q ? head : head - hq;
+    const T* in = static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) + offs[4 * t + (is_q ? 0 : 1)] +
+                  hd * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
+    T* out = static_cast<T*>(is_q ? p.q_out.data : p.k_out.data) + offs[4 * t + (is_q ? 2 : 3)] +
+             hd * (is_q ? p.q_out.stride[2] : p.k_out.stride[2]);
+    const int64_t ics = kUnit ? 1 : (is_q ? p.q_in.stride[3] : p.k_in.stride[3]);
+    const int64_t ocs = kUnit ? 1 : (is_q ? p.q_out.stride[3] : p.k_out.stride[3]);
+    const Acc* cs = cos_s + t * L.n_stride;
+    const Acc* sn = sin_s + t * L.n_stride;
 
-  if constexpr (kUnit && kPartial) {  // in place: the chunk holding the last rotated pairs of each head
-    for (int r = tid; r < rows; r += nthreads) {
-      const int t = r / h_count;
-      const int head = h_begin + (r - t * h_count);
-      const bool is_q = head < hq;
-      const int hd = is_q ? head : head - hq;
-      const RotaryTensor& xo = is_q ? p.q_out : p.k_out;
-      T* out = static_cast<T*>(xo.data) + offs[4 * t + (is_q ? 2 : 3)] + hd * xo.stride[2];
-      rotate_partial_dispatch<kInter ? V - 2 : V - 1, V, kInter>(L.partial_rem, out, uph * W, half,
-                                                                  cos_s + t * L.n_stride, sin_s + t * L.n_stride);
+    if constexpr (kUnit && kPartial) {
+      if (u >= whole) {  // in place, the chunk with the last rotated pairs
+        rotate_partial_dispatch<kInter ? V - 2 : V - 1, V, kInter>(L.partial_rem, out, chunk * W, half, cs, sn);
+        continue;
+      }
+    }
+    if constexpr (kInter) {
+      const int ch = chunk * W;
+      const int cnt = max(0, min(n - ch / 2, W / 2));
+      if (cnt > 0) {  // cnt < W/2 only out of place: the others are copied
+        rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, cnt);
+      } else {
+        store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
+      }
+    } else if (chunk < L.rot_units) {
+      const int ch = chunk * W;
+      const int cnt = max(0, min(n - ch, W));
+      if (cnt > 0) {
+        rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, cnt);
+      } else {
+        store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
+        store<W, kUnit>(out, ch + half, ocs, load<W, kUnit>(in, ch + half, ics));
+      }
+    } else {  // out of place: channels past rotary_dim
+      const int ch = p.rotary_dim + (chunk - L.rot_units) * W;
+      store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
     }
   }
 }
@@ -371,18 +357,16 @@ void launch_with(const RotaryParams& p) {
   }
   const int64_t units_per_block = static_cast<int64_t>(L.tokens_per_block) * L.heads_per_block * per_head;
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, (units_per_block + 31) / 32 * 32));
-  const int bx = std::max(1, std::min(L.units_per_head, threads));
-  const dim3 block(bx, std::max(1, threads / bx));
   const dim3 grid(static_cast<unsigned>((L.tokens + L.tokens_per_block - 1) / L.tokens_per_block), splits);
   const size_t smem = L.tokens_per_block * (4 * sizeof(int64_t) + 2 * sizeof(Acc) * L.n_stride);
   if constexpr (kUnit) {
     if (L.partial_rem != 0) {
-      rotary_kernel<T, V, kInter, true><<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
+      rotary_kernel<T, V, kInter, true><<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
-  rotary_kernel<T, V, kInter, false><<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
+  rotary_kernel<T, V, kInter, false><<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
