@@ -24,15 +24,19 @@ def expected_inv_freq(kind, head_dim, base=10_000.0, rotary_dim=None, p=None, co
 
 def rotate64(x, positions, inv_freq, rotary_dim=None, interleaved=False, layout="bshd", scale=1.0):
     """Rotate x (any float dtype) in float64 with complex arithmetic: z_i * exp(i * m * w_i)."""
-    x = x.to(torch.float64)
+    batch, seq = (x.shape[0], x.shape[1 if layout == "bshd" else 2])
+    pos = torch.as_tensor(positions).to(torch.float64).expand(batch, seq)
+    angle = pos[..., None, None] * inv_freq  # [b, s, 1, pairs]
+    return rotate64_by(x, torch.polar(torch.full_like(angle, float(scale)), angle), rotary_dim, interleaved, layout)
+
+
+def rotate64_by(x, rot, rotary_dim=None, interleaved=False, layout="bshd"):
+    """Multiply each pair z_i = (x1, x2) of x by the complex float64 rot [batch, seq, 1, pairs]."""
+    x = x.to(torch.float64).cpu()
     if layout == "bhsd":
         x = x.transpose(1, 2)
-    batch, seq, heads, head_dim = x.shape
-    rotary_dim = rotary_dim or head_dim
-    pos = torch.as_tensor(positions).to(torch.float64)
-    pos = pos.expand(batch, seq) if pos.dim() == 2 or pos.dim() == 1 else pos
-    angle = pos[..., None, None] * inv_freq  # [b, s, 1, pairs]
-    rot = torch.polar(torch.full_like(angle, float(scale)), angle)
+    rotary_dim = rotary_dim or x.shape[-1]
+    rot = rot.cpu()
     part = x[..., :rotary_dim]
     if interleaved:
         z = torch.complex(part[..., 0::2], part[..., 1::2]) * rot

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is n
 
 import posenc  # noqa: E402
 from posenc.ops import rotary_reference  # noqa: E402
-from helpers import assert_close_to_64, rotate64  # noqa: E402
+from helpers import assert_close_to_64, rotate64, rotate64_by  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEV = "cuda"
@@ -47,20 +47,8 @@ def table(rotary_dim, pairs, rows):
 
 def rotate64_tables(x, c, s, rotary_dim, interleaved, layout):
     """Independent float64 rotation by given cos/sin values c, s [batch, seq, rotary_dim/2]."""
-    x = x.to(torch.float64).cpu()
-    if layout == "bhsd":
-        x = x.transpose(1, 2)
     rot = torch.complex(c.double().cpu(), s.double().cpu())[:, :, None, :]
-    part = x[..., :rotary_dim]
-    if interleaved:
-        z = torch.complex(part[..., 0::2], part[..., 1::2]) * rot
-        rotated = torch.stack([z.real, z.imag], -1).flatten(-2)
-    else:
-        half = rotary_dim // 2
-        z = torch.complex(part[..., :half], part[..., half:]) * rot
-        rotated = torch.cat([z.real, z.imag], -1)
-    out = torch.cat([rotated, x[..., rotary_dim:]], -1)
-    return out.transpose(1, 2) if layout == "bhsd" else out
+    return rotate64_by(x, rot, rotary_dim, interleaved, layout)
 
 
 def rotated_mask(head_dim, rotary_dim, pairs, interleaved):
