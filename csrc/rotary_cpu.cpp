@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "rotary_op.h"
 
@@ -26,10 +27,27 @@ inline c10::BFloat16 store_as<c10::BFloat16, float>(float v) {
   rounded = (v != v) ? 0x7FC0u : rounded;                       // NaN stays a (quiet) NaN
   return c10::BFloat16(static_cast<uint16_t>(rounded), c10::BFloat16::from_bits());
 }
+#if defined(__FLT16_MAX__)  // the compiler's _Float16: F16C instructions where the target has them
+template <>
+inline c10::Half store_as<c10::Half, float>(float v) {
+  const _Float16 h = static_cast<_Float16>(v);  // round to nearest, ties to even, as c10::Half
+  uint16_t bits;
+  std::memcpy(&bits, &h, sizeof(bits));
+  return c10::Half(bits, c10::Half::from_bits());
+}
+#endif
 template <typename T, typename Acc>
 inline Acc load_as(T v) {
   return static_cast<Acc>(v);
 }
+#if defined(__FLT16_MAX__)
+template <>
+inline float load_as<c10::Half, float>(c10::Half v) {
+  _Float16 h;
+  std::memcpy(&h, &v.x, sizeof(h));
+  return static_cast<float>(h);
+}
+#endif
 template <>
 inline float load_as<c10::BFloat16, float>(c10::BFloat16 v) {
   uint32_t u = static_cast<uint32_t>(v.x) << 16;
@@ -109,24 +127,48 @@ void rotate_heads(const RotaryParams& p, const RotaryTensor& in, const RotaryTen
 }
 
 template <typename T>
+void rotate_tokens(const RotaryParams& p, int64_t begin, int64_t end) {
+  using Acc = at::opmath_type<T>;
+  Acc c[kMaxHeadDim / 2], s[kMaxHeadDim / 2], buf[kMaxHeadDim];
+  for (int64_t tok = begin; tok < end; ++tok) {
+    const int64_t b = tok / p.seqlen, t = tok % p.seqlen;
+    const int64_t pos = p.positions[b * p.pos_stride[0] + t * p.pos_stride[1]];
+    if (p.inv_freq == nullptr) {
+      TORCH_CHECK_INDEX(pos >= 0 && pos < p.table_rows, "posenc::rotary: position ", pos,
+                        " is outside the cos/sin table of ", p.table_rows, " rows");
+    }
+    for (int i = 0; i < p.rotated_pairs; ++i) pair_cos_sin(p, pos, i, c[i], s[i]);
+    rotate_heads<T>(p, p.q_in, p.q_out, b, t, c, s, buf);
+    rotate_heads<T>(p, p.k_in, p.k_out, b, t, c, s, buf);
+  }
+}
+
+// Each dtype's token loop is built twice, for x86-64-v3 (AVX2, F16C) and for the baseline, and the loader
+// picks one at run time (GCC function multiversioning): one binary, wide vectors where the CPU has them.
+// flatten inlines the whole loop nest into each clone. Built with -ffp-contract=off, so no clone fuses
+// x1*c - x2*s into an FMA: every clone rounds exactly as the reference does.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define POSENC_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+#else
+#define POSENC_CPU_CLONES
+#endif
+POSENC_CPU_CLONES void tokens_f64(const RotaryParams& p, int64_t b, int64_t e) { rotate_tokens<double>(p, b, e); }
+POSENC_CPU_CLONES void tokens_f32(const RotaryParams& p, int64_t b, int64_t e) { rotate_tokens<float>(p, b, e); }
+POSENC_CPU_CLONES void tokens_f16(const RotaryParams& p, int64_t b, int64_t e) { rotate_tokens<c10::Half>(p, b, e); }
+POSENC_CPU_CLONES void tokens_bf16(const RotaryParams& p, int64_t b, int64_t e) {
+  rotate_tokens<c10::BFloat16>(p, b, e);
+}
+
+template <typename T>
 void rotary_cpu_kernel(const RotaryParams& p) {
   const int64_t tokens = p.batch * p.seqlen;
   const int64_t work_per_token = (p.q_in.heads + p.k_in.heads) * p.head_dim;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_token));
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    using Acc = at::opmath_type<T>;
-    Acc c[kMaxHeadDim / 2], s[kMaxHeadDim / 2], buf[kMaxHeadDim];
-    for (int64_t tok = begin; tok < end; ++tok) {
-      const int64_t b = tok / p.seqlen, t = tok % p.seqlen;
-      const int64_t pos = p.positions[b * p.pos_stride[0] + t * p.pos_stride[1]];
-      if (p.inv_freq == nullptr) {
-        TORCH_CHECK_INDEX(pos >= 0 && pos < p.table_rows, "posenc::rotary: position ", pos,
-                          " is outside the cos/sin table of ", p.table_rows, " rows");
-      }
-      for (int i = 0; i < p.rotated_pairs; ++i) pair_cos_sin(p, pos, i, c[i], s[i]);
-      rotate_heads<T>(p, p.q_in, p.q_out, b, t, c, s, buf);
-      rotate_heads<T>(p, p.k_in, p.k_out, b, t, c, s, buf);
-    }
+    if constexpr (std::is_same_v<T, double>) tokens_f64(p, begin, end);
+    if constexpr (std::is_same_v<T, float>) tokens_f32(p, begin, end);
+    if constexpr (std::is_same_v<T, c10::Half>) tokens_f16(p, begin, end);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) tokens_bf16(p, begin, end);
   });
 }
 
