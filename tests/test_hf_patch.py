@@ -346,7 +346,7 @@ def test_kv_cache_and_generate(family, kernel_calls):
         first = model(prompt[:, :-1], use_cache=True)
         step = model(prompt[:, -1:], past_key_values=first.past_key_values).logits
     assert (step[:, -1] - full[:, -1]).abs().max().item() <= 1e-5
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)  # no early stop at EOS
     cached = model.generate(prompt, use_cache=True, **kw)
     uncached = model.generate(prompt, use_cache=False, **kw)
     assert cached.shape == (2, 18) and torch.equal(cached, uncached)
