@@ -27,27 +27,64 @@ inline c10::BFloat16 store_as<c10::BFloat16, float>(float v) {
   rounded = (v != v) ? 0x7FC0u : rounded;                       // NaN stays a (quiet) NaN
   return c10::BFloat16(static_cast<uint16_t>(rounded), c10::BFloat16::from_bits());
 }
-#if defined(__FLT16_MAX__)  // the compiler's _Float16: F16C instructions where the target has them
+// cond ? a : b as bit arithmetic, so that loops using it stay free of branches (and vectorise).
+inline uint32_t select_bits(bool cond, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(cond);
+  return (a & mask) | (b & ~mask);
+}
+
+// float -> float16, round to nearest even, written branch-free (F. Giesen's float_to_half_fast3_rtne) so that
+// it vectorises with plain integer/float SIMD: compilers do not vectorise _Float16 conversions without
+// AVX512-FP16, and c10's conversion branches.
 template <>
 inline c10::Half store_as<c10::Half, float>(float v) {
-  const _Float16 h = static_cast<_Float16>(v);  // round to nearest, ties to even, as c10::Half
-  uint16_t bits;
-  std::memcpy(&bits, &h, sizeof(bits));
-  return c10::Half(bits, c10::Half::from_bits());
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  // subnormal or zero result: let a float add do the rounding
+  const uint32_t denorm_magic_bits = ((127 - 15) + (23 - 10) + 1) << 23;
+  float denorm_magic, a;
+  std::memcpy(&denorm_magic, &denorm_magic_bits, sizeof(float));
+  std::memcpy(&a, &u, sizeof(float));
+  a += denorm_magic;
+  uint32_t sub;
+  std::memcpy(&sub, &a, sizeof(sub));
+  sub -= denorm_magic_bits;
+  // normal result: rebias the exponent, round the mantissa to nearest even
+  const uint32_t normal = (u + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+  uint32_t h = select_bits(u < (113u << 23), sub, normal);
+  h = select_bits(u >= ((127u + 16u) << 23), select_bits(u > (255u << 23), 0x7e00u, 0x7c00u), h);  // inf, NaN
+  return c10::Half(static_cast<uint16_t>(h | (sign >> 16)), c10::Half::from_bits());
 }
-#endif
 template <typename T, typename Acc>
 inline Acc load_as(T v) {
   return static_cast<Acc>(v);
 }
-#if defined(__FLT16_MAX__)
+// float16 -> float, exact and branch-free (F. Giesen's half_to_float): shift into place, rebias, then fix
+// inf/NaN (exponent all ones) and subnormals (renormalised by a float subtraction).
 template <>
 inline float load_as<c10::Half, float>(c10::Half v) {
-  _Float16 h;
-  std::memcpy(&h, &v.x, sizeof(h));
-  return static_cast<float>(h);
+  const uint32_t h = v.x;
+  const uint32_t shifted_exp = 0x7c00u << 13;
+  uint32_t o = (h & 0x7fffu) << 13;
+  const uint32_t exp = shifted_exp & o;
+  o += (127u - 15u) << 23;
+  const uint32_t inf_nan = o + ((128u - 16u) << 23);
+  const uint32_t magic_bits = 113u << 23;
+  float magic, sub;
+  std::memcpy(&magic, &magic_bits, sizeof(float));
+  const uint32_t sub_bits = o + (1u << 23);
+  std::memcpy(&sub, &sub_bits, sizeof(float));
+  sub -= magic;
+  uint32_t sub_u;
+  std::memcpy(&sub_u, &sub, sizeof(sub_u));
+  o = select_bits(exp == shifted_exp, inf_nan, select_bits(exp == 0, sub_u, o));
+  o |= (h & 0x8000u) << 16;
+  float f;
+  std::memcpy(&f, &o, sizeof(f));
+  return f;
 }
-#endif
 template <>
 inline float load_as<c10::BFloat16, float>(c10::BFloat16 v) {
   uint32_t u = static_cast<uint32_t>(v.x) << 16;

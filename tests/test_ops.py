@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import posenc
 from posenc.ops import rotary_reference
-from helpers import assert_close_to_64, rotate64
+from helpers import assert_close_to_64, pair_magnitude, rotate64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -197,3 +197,31 @@ def test_property_random_shapes_and_strides(batch, seq, hq, hk, half, rot_frac, 
     for x, out in ((q0, q2), (k0, k2)):
         want = rotate64(x, positions, inv64, rotary_dim, interleaved)
         assert_close_to_64(out, want, x, dtype, rotary_dim, interleaved, factor=3.0 if tables else 2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_special_values_convert_exactly(dtype):
+    """The kernels' own float16/bfloat16 conversions (branch-free, for vectorisation) on subnormals, the
+    largest finite values, signed zeros, inf and NaN: position 0 is the identity; others match the reference."""
+    info = torch.finfo(dtype)
+    special = torch.tensor([0.0, -0.0, info.tiny, -info.tiny, info.tiny / 4, info.smallest_normal / 3, info.max,
+                            -info.max, info.eps, 1.0, float("inf"), -float("inf"), float("nan")], dtype=dtype)
+    values = torch.cat([special, torch.randn(51).to(dtype)])  # 64 channels
+    q = values[torch.randperm(64)].view(1, 1, 1, 64).repeat(1, 3, 2, 1)
+    k = values.view(1, 1, 1, 64).repeat(1, 3, 1, 1)
+    enc = posenc.RoPE(64)
+    q2, k2 = enc.apply(q, k, torch.tensor([0, 0, 0]))
+    # angle 0: x1*1 - x2*0 is x1 unless x2 is inf/NaN (inf * 0 = NaN), exactly as the reference computes it
+    args = (None, None, enc.inv_freq64, torch.zeros(1, 3, dtype=torch.long), 1.0, 64, 32, False, False)
+    ref = rotary_reference(q, k, *args)
+    for got, want in zip((q2, k2), ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    finite_pairs = torch.isfinite(k[..., :32]) & torch.isfinite(k[..., 32:])
+    assert torch.equal(k2[..., :32][finite_pairs], k[..., :32][finite_pairs])  # the round trip is exact
+    q3, k3 = enc.apply(q, k, torch.tensor([5, 7_000, 123_456]))
+    for x, got, want in zip((q, k), (q3, k3), rotary_reference(q, k, *args[:3], torch.tensor([[5, 7_000, 123_456]]),
+                                                            *args[4:])):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        finite = torch.isfinite(want)  # sin/cos libraries may differ by an ulp: two rounding steps of the pair
+        bound = 2 * info.eps * pair_magnitude(x).to(got.dtype).float()
+        assert ((got.float() - want.float()).abs() <= bound)[finite].all()
