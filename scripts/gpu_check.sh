@@ -3,7 +3,8 @@
 # whole test suite (CPU and GPU tests), run the GPU benchmark. Log, JSON and PNG go to $OUT (default ./out).
 #   OUT=/tmp/out bash scripts/gpu_check.sh
 # Pure-Python wheels found in .whl/ (e.g. liger-kernel, which the benchmark compares with) are put on
-# PYTHONPATH first; BENCH_PRESET picks the benchmark preset (default "gpu"), PYTEST_ARGS adds pytest flags.
+# PYTHONPATH first; BENCH_PRESET picks the benchmark preset (default "gpu"), PYTEST_ARGS adds pytest flags,
+# TEST_PATHS narrows the tests (default tests/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -40,7 +41,7 @@ $PY -c 'import posenc; print("backend cpu:", posenc.backend("cpu")); print("back
 
 step "tests"
 XDIST=$($PY -c 'import xdist' >/dev/null 2>&1 && echo "-n 8")  # pytest-xdist where installed
-$PY -m pytest -q -p no:cacheprovider --durations=10 $XDIST ${PYTEST_ARGS:-} tests/ || status=1
+$PY -m pytest -q -p no:cacheprovider --durations=10 $XDIST ${PYTEST_ARGS:-} ${TEST_PATHS:-tests/} || status=1
 
 step "benchmark"
 $PY benchmarks/bench_rotary.py --device cuda --preset "${BENCH_PRESET:-gpu}" --json "$OUT/bench.json" --plot "$OUT/bench.png" \
