@@ -70,3 +70,59 @@ def assert_close_to_64(out, expected64, x, dtype, rotary_dim=None, interleaved=F
     worst = (err / bound).max().item()
     assert worst <= 1.0, (f"error {err.max().item():.3g} exceeds {factor} rounding steps of {dtype} "
                           f"(worst ratio {worst:.3g})")
+
+
+def random_rotation_strategies():
+    """hypothesis strategies for check_random_rotation (shapes, strides, dtypes, angle sources)."""
+    from hypothesis import strategies as st
+    return dict(
+        batch=st.integers(1, 3), seq=st.integers(1, 6), hq=st.integers(1, 5), hk=st.integers(1, 3),
+        half=st.integers(1, 40), rot_frac=st.floats(0.1, 1.0), pair_frac=st.floats(0.0, 1.0),
+        interleaved=st.booleans(), transpose=st.booleans(), sliced=st.booleans(), inplace=st.booleans(),
+        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), tables=st.booleans(),
+        max_pos=st.sampled_from([10, 1000, 300_000]), seed=st.integers(0, 2**31 - 1),
+    )
+
+
+def check_random_rotation(device, batch, seq, hq, hk, half, rot_frac, pair_frac, interleaved, transpose, sliced,
+                          inplace, dtype, tables, max_pos, seed):
+    """One property-test case on `device`: apply_rotary on random (possibly transposed / sliced) q and k equals
+    an independent float64 rotation; out of place leaves the inputs alone, in place returns them."""
+    import posenc
+    head_dim = 2 * half
+    rotary_dim = max(2, 2 * int(half * rot_frac))
+    pairs = int(rotary_dim // 2 * pair_frac)
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(heads):
+        if transpose:  # a bhsd-contiguous buffer seen as bshd
+            x = torch.randn(batch, heads, seq, head_dim + 2 * sliced, generator=gen).transpose(1, 2)
+        else:
+            x = torch.randn(batch, seq, heads, head_dim + 2 * sliced, generator=gen)
+        x = x.to(dtype).to(device)
+        return x[..., 1:head_dim + 1] if sliced else x  # sliced: odd offset, non-unit row stride (scalar path)
+
+    q, k = make(hq), make(hk)
+    positions = torch.randint(0, max_pos, (batch, seq), generator=gen)
+    inv = 10_000.0 ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    inv[pairs:] = 0
+    kwargs = dict(rotary_dim=rotary_dim, rotated_pairs=pairs, interleaved=interleaved, inplace=inplace)
+    if tables:
+        angle = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv
+        cos, sin = angle.cos().float(), angle.sin().float()
+        src = dict(cos=cos.to(device), sin=sin.to(device))
+    else:
+        src = dict(inv_freq=inv.to(device))
+    q0, k0 = q.clone(), k.clone()
+    q2, k2 = posenc.apply_rotary(q, k, positions=positions.to(device), **src, **kwargs)
+    if inplace:
+        assert q2 is q and k2 is k
+    else:
+        assert torch.equal(q, q0) and torch.equal(k, k0)
+    for x, out in ((q0, q2), (k0, k2)):
+        if tables:  # expected from the float32 table values the op was given
+            rot = torch.complex(cos[positions].double(), sin[positions].double())[:, :, None, :]
+            want = rotate64_by(x, rot, rotary_dim, interleaved)
+        else:
+            want = rotate64(x.cpu(), positions, inv, rotary_dim, interleaved)
+        assert_close_to_64(out.cpu(), want, x.cpu(), dtype, rotary_dim, interleaved)

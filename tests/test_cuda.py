@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is n
 
 import posenc  # noqa: E402
 from posenc.ops import rotary_reference  # noqa: E402
-from helpers import assert_close_to_64, rotate64, rotate64_by  # noqa: E402
+from helpers import assert_close_to_64, check_random_rotation, random_rotation_strategies, rotate64, rotate64_by  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEV = "cuda"
@@ -328,53 +328,11 @@ def test_inputs_on_a_second_stream():
 
 try:
     from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
 except ImportError:  # pragma: no cover - hypothesis is a test extra
     given = None
 
 if given is not None:
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(
-        batch=st.integers(1, 3), seq=st.integers(1, 6), hq=st.integers(1, 5), hk=st.integers(1, 3),
-        half=st.integers(1, 40), rot_frac=st.floats(0.1, 1.0), pair_frac=st.floats(0.0, 1.0),
-        interleaved=st.booleans(), transpose=st.booleans(), sliced=st.booleans(), inplace=st.booleans(),
-        dtype=st.sampled_from(DTYPES), tables=st.booleans(), max_pos=st.sampled_from([10, 1000, 300_000]),
-        data=st.data(),
-    )
-    def test_property_random_shapes_and_strides(batch, seq, hq, hk, half, rot_frac, pair_frac, interleaved,
-                                                transpose, sliced, inplace, dtype, tables, max_pos, data):
-        head_dim = 2 * half
-        rotary_dim = max(2, 2 * int(half * rot_frac))
-        pairs = int(rotary_dim // 2 * pair_frac)
-        gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-
-        def make(heads):
-            if transpose:  # a bhsd-contiguous buffer seen as bshd
-                x = torch.randn(batch, heads, seq, head_dim + 2 * sliced, generator=gen).transpose(1, 2)
-            else:
-                x = torch.randn(batch, seq, heads, head_dim + 2 * sliced, generator=gen)
-            x = x.to(dtype).to(DEV)
-            return x[..., 1:head_dim + 1] if sliced else x  # sliced: odd offset, scalar path
-
-        q, k = make(hq), make(hk)
-        positions = torch.randint(0, max_pos, (batch, seq), generator=gen)
-        inv = inv_freq(rotary_dim, pairs)
-        kw = dict(rotary_dim=rotary_dim, rotated_pairs=pairs, interleaved=interleaved, inplace=inplace)
-        if tables:
-            angle = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv
-            cos, sin = angle.cos().float(), angle.sin().float()
-            src = dict(cos=cos.to(DEV), sin=sin.to(DEV))
-        else:
-            src = dict(inv_freq=inv.to(DEV))
-        q0, k0 = q.clone(), k.clone()
-        q2, k2 = posenc.apply_rotary(q, k, positions=positions.to(DEV), **src, **kw)
-        if inplace:
-            assert q2 is q and k2 is k
-        else:
-            assert torch.equal(q, q0) and torch.equal(k, k0)
-        for x, out in ((q0, q2), (k0, k2)):
-            if tables:
-                want = rotate64_tables(x, cos[positions], sin[positions], rotary_dim, interleaved, "bshd")
-            else:
-                want = rotate64(x.cpu(), positions, inv, rotary_dim, interleaved)
-            assert_close_to_64(out.cpu(), want, x.cpu(), dtype, rotary_dim, interleaved)
+    @given(**random_rotation_strategies())
+    def test_property_random_shapes_and_strides(**case):
+        check_random_rotation(DEV, **case)

@@ -1,14 +1,12 @@
 """The fused op on the CPU: kernel == reference, registration (opcheck), gradients, compile, strides."""
-import math
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 import posenc
 from posenc.ops import rotary_reference
-from helpers import assert_close_to_64, pair_magnitude, rotate64
+from helpers import assert_close_to_64, check_random_rotation, pair_magnitude, random_rotation_strategies, rotate64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -153,50 +151,9 @@ def test_transformers_tables_match_apply_rotary_pos_emb(dtype):
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    batch=st.integers(1, 3), seq=st.integers(1, 6), hq=st.integers(1, 5), hk=st.integers(1, 3),
-    half=st.integers(1, 40), rot_frac=st.floats(0.1, 1.0), pair_frac=st.floats(0.0, 1.0),
-    interleaved=st.booleans(), transpose=st.booleans(), sliced=st.booleans(), inplace=st.booleans(),
-    dtype=st.sampled_from(DTYPES), tables=st.booleans(), max_pos=st.sampled_from([10, 1000, 300_000]),
-    data=st.data(),
-)
-def test_property_random_shapes_and_strides(batch, seq, hq, hk, half, rot_frac, pair_frac, interleaved,
-                                            transpose, sliced, inplace, dtype, tables, max_pos, data):
-    head_dim = 2 * half
-    rotary_dim = max(2, 2 * int(half * rot_frac))
-    pairs = int(rotary_dim // 2 * pair_frac)
-    seed = data.draw(st.integers(0, 2**31 - 1))
-    gen = torch.Generator().manual_seed(seed)
-
-    def make(heads):
-        if transpose:  # a bhsd-contiguous buffer seen as bshd
-            x = torch.randn(batch, heads, seq, head_dim + 2 * sliced, generator=gen).transpose(1, 2)
-        else:
-            x = torch.randn(batch, seq, heads, head_dim + 2 * sliced, generator=gen)
-        return (x[..., 1:head_dim + 1] if sliced else x).to(dtype)  # sliced: odd offset, non-unit row stride
-
-    q, k = make(hq), make(hk)
-    positions = torch.randint(0, max_pos, (batch, seq), generator=gen)
-    inv = 10_000.0 ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    inv[pairs:] = 0
-    kwargs = dict(rotary_dim=rotary_dim, rotated_pairs=pairs, interleaved=interleaved, inplace=inplace)
-    if tables:
-        angle = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv
-        cos, sin = angle.cos().float(), angle.sin().float()
-        src = dict(cos=cos, sin=sin)
-        inv64 = inv  # compare with the exact angles: the float32 tables add one float32 rounding
-    else:
-        src = dict(inv_freq=inv)
-        inv64 = inv
-    q0, k0 = q.clone(), k.clone()
-    q2, k2 = posenc.apply_rotary(q, k, positions=positions, **src, **kwargs)
-    if inplace:
-        assert q2 is q and k2 is k
-    else:
-        assert torch.equal(q, q0) and torch.equal(k, k0)
-    for x, out in ((q0, q2), (k0, k2)):
-        want = rotate64(x, positions, inv64, rotary_dim, interleaved)
-        assert_close_to_64(out, want, x, dtype, rotary_dim, interleaved, factor=3.0 if tables else 2.0)
+@given(**random_rotation_strategies())
+def test_property_random_shapes_and_strides(**case):
+    check_random_rotation("cpu", **case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
