@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
