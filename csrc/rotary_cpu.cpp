@@ -9,6 +9,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "rotary_op.h"
 
 namespace posenc {
@@ -109,17 +113,62 @@ void stage(const T* __restrict__ in, Acc* __restrict__ buf, int n) {
   for (int i = 0; i < n; ++i) buf[i] = load_as<T, Acc>(in[i]);
 }
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#define POSENC_F16C 1
+// float16 rows through the F16C instructions, 8 channels at a time: GCC does not turn load_as/store_as into
+// them by itself. vcvtph2ps is exact and vcvtps2ph rounds to nearest even, as load_as/store_as do, and the
+// products are rounded separately (no FMA), as in mix_halves: the results are the same bits. Only called
+// from code built for x86-64-v3, on CPUs that have it (tokens_f16 checks).
+__attribute__((target("avx2,f16c"))) void stage_f16c(const c10::Half* __restrict__ in, float* __restrict__ buf,
+                                                      int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  }
+  for (; i < n; ++i) buf[i] = load_as<c10::Half, float>(in[i]);
+}
+
+__attribute__((target("avx2,f16c"))) void mix_halves_f16c(const float* __restrict__ x1, const float* __restrict__ x2,
+                                                           const float* __restrict__ c, const float* __restrict__ s,
+                                                           c10::Half* __restrict__ o1, c10::Half* __restrict__ o2,
+                                                           int n) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+    const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+    const __m256 r1 = _mm256_sub_ps(_mm256_mul_ps(a, cv), _mm256_mul_ps(b, sv));
+    const __m256 r2 = _mm256_add_ps(_mm256_mul_ps(b, cv), _mm256_mul_ps(a, sv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o1 + i), _mm256_cvtps_ph(r1, kRound));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o2 + i), _mm256_cvtps_ph(r2, kRound));
+  }
+  for (; i < n; ++i) {
+    o1[i] = store_as<c10::Half, float>(x1[i] * c[i] - x2[i] * s[i]);
+    o2[i] = store_as<c10::Half, float>(x2[i] * c[i] + x1[i] * s[i]);
+  }
+}
+#endif
+
 // Rotates one head row. kUnit: both rows have unit channel stride (the common, vectorisable case).
-// buf: scratch of kMaxHeadDim elements.
-template <typename T, bool kUnit, typename Acc = at::opmath_type<T>>
+// buf: scratch of kMaxHeadDim elements. kF16C: float16 rows go through stage_f16c/mix_halves_f16c.
+template <typename T, bool kUnit, bool kF16C, typename Acc = at::opmath_type<T>>
 void rotate_row(const RotaryParams& p, const T* in, int64_t si, T* out, int64_t so, const Acc* c,
                 const Acc* s, Acc* buf) {
   const int n = p.rotated_pairs;
   const int64_t h = p.rotary_dim / 2;
   if (kUnit && !p.interleaved) {
-    stage(in, buf, n);
-    stage(in + h, buf + n, n);
-    mix_halves(buf, buf + n, c, s, out, out + h, n);
+#ifdef POSENC_F16C
+    if constexpr (kF16C && std::is_same_v<T, c10::Half>) {
+      stage_f16c(in, buf, n);
+      stage_f16c(in + h, buf + n, n);
+      mix_halves_f16c(buf, buf + n, c, s, out, out + h, n);
+    } else
+#endif
+    {
+      stage(in, buf, n);
+      stage(in + h, buf + n, n);
+      mix_halves(buf, buf + n, c, s, out, out + h, n);
+    }
   } else {
     if (kUnit) si = so = 1;
     const int64_t step = p.interleaved ? 2 : 1, second = p.interleaved ? 1 : h;
@@ -146,7 +195,7 @@ void rotate_row(const RotaryParams& p, const T* in, int64_t si, T* out, int64_t 
   }
 }
 
-template <typename T, typename Acc = at::opmath_type<T>>
+template <typename T, bool kF16C, typename Acc = at::opmath_type<T>>
 void rotate_heads(const RotaryParams& p, const RotaryTensor& in, const RotaryTensor& out, int64_t b, int64_t t,
                   const Acc* c, const Acc* s, Acc* buf) {
   const T* base_in = static_cast<const T*>(in.data) + b * in.stride[0] + t * in.stride[1];
@@ -156,14 +205,14 @@ void rotate_heads(const RotaryParams& p, const RotaryTensor& in, const RotaryTen
     const T* row_in = base_in + hd * in.stride[2];
     T* row_out = base_out + hd * out.stride[2];
     if (unit) {
-      rotate_row<T, true>(p, row_in, 1, row_out, 1, c, s, buf);
+      rotate_row<T, true, kF16C>(p, row_in, 1, row_out, 1, c, s, buf);
     } else {
-      rotate_row<T, false>(p, row_in, in.stride[3], row_out, out.stride[3], c, s, buf);
+      rotate_row<T, false, kF16C>(p, row_in, in.stride[3], row_out, out.stride[3], c, s, buf);
     }
   }
 }
 
-template <typename T>
+template <typename T, bool kF16C = false>
 void rotate_tokens(const RotaryParams& p, int64_t begin, int64_t end) {
   using Acc = at::opmath_type<T>;
   Acc c[kMaxHeadDim / 2], s[kMaxHeadDim / 2], buf[kMaxHeadDim];
@@ -175,8 +224,8 @@ void rotate_tokens(const RotaryParams& p, int64_t begin, int64_t end) {
                         " is outside the cos/sin table of ", p.table_rows, " rows");
     }
     for (int i = 0; i < p.rotated_pairs; ++i) pair_cos_sin(p, pos, i, c[i], s[i]);
-    rotate_heads<T>(p, p.q_in, p.q_out, b, t, c, s, buf);
-    rotate_heads<T>(p, p.k_in, p.k_out, b, t, c, s, buf);
+    rotate_heads<T, kF16C>(p, p.q_in, p.q_out, b, t, c, s, buf);
+    rotate_heads<T, kF16C>(p, p.k_in, p.k_out, b, t, c, s, buf);
   }
 }
 
@@ -191,7 +240,21 @@ void rotate_tokens(const RotaryParams& p, int64_t begin, int64_t end) {
 #endif
 POSENC_CPU_CLONES void tokens_f64(const RotaryParams& p, int64_t b, int64_t e) { rotate_tokens<double>(p, b, e); }
 POSENC_CPU_CLONES void tokens_f32(const RotaryParams& p, int64_t b, int64_t e) { rotate_tokens<float>(p, b, e); }
-POSENC_CPU_CLONES void tokens_f16(const RotaryParams& p, int64_t b, int64_t e) { rotate_tokens<c10::Half>(p, b, e); }
+POSENC_CPU_CLONES void tokens_f16_generic(const RotaryParams& p, int64_t b, int64_t e) {
+  rotate_tokens<c10::Half>(p, b, e);
+}
+#ifdef POSENC_F16C
+__attribute__((target("arch=x86-64-v3"), flatten)) void tokens_f16_f16c(const RotaryParams& p, int64_t b, int64_t e) {
+  rotate_tokens<c10::Half, true>(p, b, e);
+}
+#endif
+void tokens_f16(const RotaryParams& p, int64_t b, int64_t e) {
+#ifdef POSENC_F16C
+  static const bool f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (f16c) return tokens_f16_f16c(p, b, e);
+#endif
+  tokens_f16_generic(p, b, e);
+}
 POSENC_CPU_CLONES void tokens_bf16(const RotaryParams& p, int64_t b, int64_t e) {
   rotate_tokens<c10::BFloat16>(p, b, e);
 }
