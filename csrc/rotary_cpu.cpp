@@ -125,7 +125,7 @@ __attribute__((target("avx2,f16c"))) void stage_f16c(const c10::Half* __restrict
   for (; i + 8 <= n; i += 8) {
     _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
   }
-  for (; i < n; ++i) buf[i] = load_as<c10::Half, float>(in[i]);
+  stage(in + i, buf + i, n - i);
 }
 
 __attribute__((target("avx2,f16c"))) void mix_halves_f16c(const float* __restrict__ x1, const float* __restrict__ x2,
@@ -142,10 +142,7 @@ __attribute__((target("avx2,f16c"))) void mix_halves_f16c(const float* __restric
     _mm_storeu_si128(reinterpret_cast<__m128i*>(o1 + i), _mm256_cvtps_ph(r1, kRound));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(o2 + i), _mm256_cvtps_ph(r2, kRound));
   }
-  for (; i < n; ++i) {
-    o1[i] = store_as<c10::Half, float>(x1[i] * c[i] - x2[i] * s[i]);
-    o2[i] = store_as<c10::Half, float>(x2[i] * c[i] + x1[i] * s[i]);
-  }
+  mix_halves(x1 + i, x2 + i, c + i, s + i, o1 + i, o2 + i, n - i);
 }
 #endif
 

@@ -126,3 +126,17 @@ def check_random_rotation(device, batch, seq, hq, hk, half, rot_frac, pair_frac,
         else:
             want = rotate64(x.cpu(), positions, inv, rotary_dim, interleaved)
         assert_close_to_64(out.cpu(), want, x.cpu(), dtype, rotary_dim, interleaved)
+
+
+def check_packed_varlen(enc, device):
+    """Packed sequences (cu_seqlens) give exactly what each sequence gives on its own."""
+    lengths = [3, 1, 6]
+    q = torch.randn(sum(lengths), 4, enc.head_dim, device=device)
+    k = torch.randn(sum(lengths), 2, enc.head_dim, device=device)
+    cu = torch.tensor([0, 3, 4, 10], dtype=torch.int32, device=device)
+    q2, k2 = enc.apply(q, k, cu_seqlens=cu)
+    start = 0
+    for n in lengths:
+        qs, ks = enc.apply(q[None, start:start + n], k[None, start:start + n])
+        assert torch.equal(q2[start:start + n], qs[0]) and torch.equal(k2[start:start + n], ks[0])
+        start += n

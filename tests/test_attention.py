@@ -386,32 +386,34 @@ def _layer_call(**kw):
     return lambda: layer(**args)
 
 
-def _foreign_cache():
-    other, layer = make("rope"), make("rope")
+def _primed(layer):
+    """A cache that `layer` has filled with 3 tokens of batch 2."""
     cache = posenc.KVCache()
-    other(torch.randn(2, 3, HIDDEN), cache=cache)
+    layer(torch.randn(2, 3, HIDDEN), cache=cache)
+    return cache
+
+
+def _foreign_cache():
+    cache, layer = _primed(make("rope")), make("rope")
     return lambda: layer(torch.randn(2, 1, HIDDEN), cache=cache)
 
 
 def _cache_after_swap():
     layer = make("rope")
-    cache = posenc.KVCache()
-    layer(torch.randn(2, 3, HIDDEN), cache=cache)
+    cache = _primed(layer)
     layer.encoding = "hope"
     return lambda: layer(torch.randn(2, 1, HIDDEN), cache=cache)
 
 
 def _cache_other_batch():
     layer = make("rope")
-    cache = posenc.KVCache()
-    layer(torch.randn(2, 3, HIDDEN), cache=cache)
+    cache = _primed(layer)
     return lambda: layer(torch.randn(3, 1, HIDDEN), cache=cache)
 
 
 def _mask_with_cache_wrong_length():
     layer = make("rope")
-    cache = posenc.KVCache()
-    layer(torch.randn(2, 3, HIDDEN), cache=cache)
+    cache = _primed(layer)
     return lambda: layer(torch.randn(2, 1, HIDDEN), attention_mask=torch.ones(2, 3, dtype=torch.bool), cache=cache)
 
 

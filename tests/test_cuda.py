@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is n
 
 import posenc  # noqa: E402
 from posenc.ops import rotary_reference  # noqa: E402
-from helpers import assert_close_to_64, check_random_rotation, random_rotation_strategies, rotate64, rotate64_by  # noqa: E402
+from helpers import assert_close_to_64, check_packed_varlen, check_random_rotation, random_rotation_strategies, rotate64, rotate64_by  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEV = "cuda"
@@ -203,17 +203,7 @@ def test_decode_per_row_positions():
 
 
 def test_packed_varlen_equals_per_sequence():
-    enc = posenc.HoPE(64, context_length=512)
-    lengths = [3, 1, 6]
-    q = torch.randn(sum(lengths), 4, 64, device=DEV)
-    k = torch.randn(sum(lengths), 2, 64, device=DEV)
-    cu = torch.tensor([0, 3, 4, 10], dtype=torch.int32, device=DEV)
-    q2, k2 = enc.apply(q, k, cu_seqlens=cu)
-    start = 0
-    for n in lengths:
-        qs, ks = enc.apply(q[None, start:start + n], k[None, start:start + n])
-        assert torch.equal(q2[start:start + n], qs[0]) and torch.equal(k2[start:start + n], ks[0])
-        start += n
+    check_packed_varlen(posenc.HoPE(64, context_length=512), DEV)
 
 
 def test_table_position_out_of_range_gives_nan_not_a_read():

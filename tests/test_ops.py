@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 
 import posenc
 from posenc.ops import rotary_reference
-from helpers import assert_close_to_64, check_random_rotation, pair_magnitude, random_rotation_strategies, rotate64
+from helpers import assert_close_to_64, check_packed_varlen, check_random_rotation, pair_magnitude, random_rotation_strategies, rotate64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -119,16 +119,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_packed_varlen_equals_per_sequence():
-    enc = posenc.RoPE(64)
-    lengths = [3, 1, 6]
-    q, k = torch.randn(sum(lengths), 4, 64), torch.randn(sum(lengths), 2, 64)
-    cu = torch.tensor([0, 3, 4, 10], dtype=torch.int32)
-    q2, k2 = enc.apply(q, k, cu_seqlens=cu)
-    start = 0
-    for n in lengths:
-        qs, ks = enc.apply(q[None, start:start + n], k[None, start:start + n])
-        assert torch.equal(q2[start:start + n], qs[0]) and torch.equal(k2[start:start + n], ks[0])
-        start += n
+    check_packed_varlen(posenc.RoPE(64), "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
