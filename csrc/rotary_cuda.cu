@@ -4,18 +4,18 @@
 //  0. Each thread first issues the loads of its first unit, so that their latency overlaps step 1 rather
 //     than following the barrier (blocks are short-lived; on an H100 this took Llama shapes from 1.13x to
 //     1.04x the time of a copy).
-//  1. cos/sin of the block's tokens are formed once, into shared memory (float32; float64 for float64 data),
-//     by pair_cos_sin (rotary.h): table lookup, or position * inv_freq reduced mod 2*pi in float64 followed
-//     by an accurate sincos (this file is built without --use_fast_math, so no __sincosf). The per-token
-//     row offsets of the four tensors (q/k in/out) are formed there too, so no 64-bit division is left for
-//     the hot loop.
+//  1. The block's positions and per-token row offsets of the four tensors (q/k in/out) go to shared memory,
+//     one token per thread (so no 64-bit division is left for the hot loop, and each position is loaded
+//     once); then cos/sin of those tokens (float32; float64 for float64 data), by pair_cos_sin (rotary.h):
+//     table lookup, or position * inv_freq reduced mod 2*pi in float64 followed by an accurate sincos (this
+//     file is built without --use_fast_math, so no __sincosf).
 //  2. Every thread then takes "units" of (token, head, chunk): with 16-byte vectors (the fast path: unit
 //     channel stride, 16-byte aligned rows) a half-split unit is V consecutive pairs — one vector of the first
 //     half and the matching vector of the second half — and an interleaved unit is one vector (V/2 pairs).
 //     Without it (any strides, odd offsets), a unit is one pair read with its channel stride.
 // In place, only the units holding rotated pairs are visited, and a chunk that straddles the last rotated
-// pair is split into aligned power-of-two pieces, so channels that do not rotate are neither read nor
-// written. Out of place, the other units copy (vectorised too).
+// pair is split into aligned power-of-two pieces, each its own unit, so channels that do not rotate are
+// neither read nor written. Out of place, the other units copy (vectorised too).
 //
 // Table mode with a position outside the table produces NaN instead of reading out of bounds (the Python
 // entry point rejects such positions before the call, except under torch.compile / CUDA-graph capture).
@@ -113,67 +113,36 @@ __device__ __forceinline__ void rotate_inter(const T* in, int64_t ics, T* out, i
   store<W, kUnit>(out, ch, ocs, o);
 }
 
-// In place, the chunk holding the last rotated pair: its first R channels-worth (pairs for half-split,
-// channels for interleaved; R known at compile time) move as aligned power-of-two pieces, largest first, so
-// channels that do not rotate are neither read nor written. All loads are issued before any store.
-template <int R, int W, int Off, bool kStore, typename T, int V>
-__device__ __forceinline__ void pieces(T* base, Vec<T, V>& x) {
-  if constexpr (W >= 1) {
-    if constexpr ((R & W) != 0) {
-      if constexpr (kStore) {
-        Vec<T, W> piece;
+// In place, the chunk holding the last rotated pairs: its first `rem` pairs (half-split) or channels
+// (interleaved) are split into aligned power-of-two pieces, largest first, so that channels which do not
+// rotate are neither read nor written. Piece j of a row is its own unit: the pieces of one row go to
+// neighbouring lanes, whose accesses then share cache lines (one lane per row moving every piece took
+// HoPE in place 20% over p-RoPE). Returns the piece's width, in pairs or channels, and sets its offset.
+template <int V>
+__device__ __forceinline__ int piece_of(int rem, int j, int& off) {
+  off = 0;
 #pragma unroll
-        for (int e = 0; e < W; ++e) piece.v[e] = x.v[Off + e];
-        *reinterpret_cast<Vec<T, W>*>(base + Off) = piece;
+  for (int w = V / 2; w >= 1; w /= 2) {
+    if (rem & w) {
+      if (j-- == 0) return w;
+      off += w;
+    }
+  }
+  return 0;
+}
+
+// w (runtime) -> the rotation of one piece of width w <= Wd (pairs half-split, channels interleaved).
+template <int Wd, bool kInter, typename T, typename Acc>
+__device__ __forceinline__ void rotate_piece(T* row, int ch, int h, const Acc* cs, const Acc* sn, int w) {
+  if constexpr (Wd >= (kInter ? 2 : 1)) {
+    if (w == Wd) {
+      if constexpr (kInter) {
+        rotate_inter<Wd, true>(row, 1, row, 1, ch, cs, sn, Wd / 2, false, Vec<T, Wd>{});
       } else {
-        const Vec<T, W> piece = *reinterpret_cast<const Vec<T, W>*>(base + Off);
-#pragma unroll
-        for (int e = 0; e < W; ++e) x.v[Off + e] = piece.v[e];
+        rotate_half<Wd, true>(row, 1, row, 1, ch, h, cs, sn, Wd, false, Vec<T, Wd>{}, Vec<T, Wd>{});
       }
-      pieces<R, W / 2, Off + W, kStore>(base, x);
     } else {
-      pieces<R, W / 2, Off, kStore>(base, x);
-    }
-  }
-}
-
-template <int R, int V, bool kInter, typename T, typename Acc>
-__device__ __forceinline__ void rotate_partial(T* row, int ch, int h, const Acc* cs, const Acc* sn) {
-  Vec<T, V> a, b;
-  pieces<R, V / 2, 0, false>(row + ch, a);
-  if constexpr (kInter) {
-    const Vec<Acc, V / 2> c = *reinterpret_cast<const Vec<Acc, V / 2>*>(cs + ch / 2);
-    const Vec<Acc, V / 2> s = *reinterpret_cast<const Vec<Acc, V / 2>*>(sn + ch / 2);
-#pragma unroll
-    for (int e = 0; e < R / 2; ++e) {
-      const Acc x1 = static_cast<Acc>(a.v[2 * e]), x2 = static_cast<Acc>(a.v[2 * e + 1]);
-      a.v[2 * e] = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
-      a.v[2 * e + 1] = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
-    }
-  } else {
-    pieces<R, V / 2, 0, false>(row + ch + h, b);
-    const Vec<Acc, V> c = *reinterpret_cast<const Vec<Acc, V>*>(cs + ch);
-    const Vec<Acc, V> s = *reinterpret_cast<const Vec<Acc, V>*>(sn + ch);
-#pragma unroll
-    for (int e = 0; e < R; ++e) {
-      const Acc x1 = static_cast<Acc>(a.v[e]), x2 = static_cast<Acc>(b.v[e]);
-      a.v[e] = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
-      b.v[e] = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
-    }
-    pieces<R, V / 2, 0, true>(row + ch + h, b);
-  }
-  pieces<R, V / 2, 0, true>(row + ch, a);
-}
-
-// rem (runtime) -> rotate_partial<rem>: half-split rem in 1..V-1 pairs, interleaved rem in 2..V-2 channels.
-template <int R, int V, bool kInter, typename T, typename Acc>
-__device__ __forceinline__ void rotate_partial_dispatch(int rem, T* row, int ch, int h, const Acc* cs,
-                                                        const Acc* sn) {
-  if constexpr (R >= 1) {
-    if (rem == R) {
-      rotate_partial<R, V, kInter>(row, ch, h, cs, sn);
-    } else {
-      rotate_partial_dispatch<R - (kInter ? 2 : 1), V, kInter>(rem, row, ch, h, cs, sn);
+      rotate_piece<Wd / 2, kInter>(row, ch, h, cs, sn, w);
     }
   }
 }
@@ -186,6 +155,7 @@ struct LaunchShape {
   int rot_units;        // of which hold rotary pairs (half-split out of place: the rest are tail copies)
   int partial_rem;      // in place: rotated pairs (half-split) or channels (interleaved) in the last,
                         // partial chunk of each head (0: none); these chunks come after all whole units
+  int partial_pieces;   // power-of-two pieces of that chunk (the set bits of partial_rem), one unit each
   int n_stride;         // cos/sin row length in shared memory (rotated_pairs rounded up to a unit)
   bool prefetch;        // load each thread's first unit before the cos/sin phase
 };
@@ -200,7 +170,8 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   constexpr int W = kUnit ? V : (kInter ? 2 : 1);
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* offs = reinterpret_cast<int64_t*>(smem);  // [T][4]: q_in, k_in, q_out, k_out row offsets
-  Acc* cos_s = reinterpret_cast<Acc*>(offs + 4 * L.tokens_per_block);
+  int64_t* pos_s = offs + 4 * L.tokens_per_block;     // [T] positions (room for an even count: alignment)
+  Acc* cos_s = reinterpret_cast<Acc*>(pos_s + (L.tokens_per_block + 1) / 2 * 2);
   Acc* sin_s = cos_s + L.tokens_per_block * L.n_stride;
 
   const int64_t tok0 = static_cast<int64_t>(blockIdx.x) * L.tokens_per_block;
@@ -212,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   const int h_count = min(L.heads_per_block, h_total - h_begin);
   const int uph = L.units_per_head;
   const int whole = T_here * h_count * uph;
-  const int units = whole + (kPartial ? T_here * h_count : 0);
+  const int units = whole + (kPartial ? T_here * h_count * L.partial_pieces : 0);
   const int half = p.rotary_dim / 2;
   // (batch, seq) of a token; 32-bit division when the token count allows it (nearly always)
   const auto split = [&](int64_t tok, int64_t& b, int64_t& s) {
@@ -224,45 +195,45 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
     s = tok - b * p.seqlen;
   };
 
-  // ---- 0. the thread's first unit (fast path, rotating): loaded now, so that the latency of these loads
-  // overlaps the cos/sin phase below instead of following it
+  // ---- 0. the thread's first unit, when it is a whole unit within rotary_dim (fast path): loaded now, so
+  // that the latency of these loads overlaps phase 1 instead of following it
   Vec<T, W> pa, pb;
   bool pre = false;
   if constexpr (kUnit) {
     const int u = threadIdx.x;
-    if (L.prefetch && u < whole) {
+    if (L.prefetch && u < whole && u % uph < L.rot_units) {
       const int chunk = u % uph, r = u / uph, t = r / h_count, head = h_begin + (r - t * h_count);
-      if (kInter || chunk < L.rot_units) {
-        int64_t b, sq;
-        split(tok0 + t, b, sq);
-        const bool is_q = head < hq;
-        const T* in = static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) +
-                      b * (is_q ? p.q_in.stride[0] : p.k_in.stride[0]) +
-                      sq * (is_q ? p.q_in.stride[1] : p.k_in.stride[1]) +
-                      (is_q ? head : head - hq) * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
-        pa = load<W, true>(in, chunk * W, 1);
-        if constexpr (!kInter) pb = load<W, true>(in, chunk * W + half, 1);
-        pre = true;
-      }
+      const bool is_q = head < hq;
+      int64_t b, sq;
+      split(tok0 + t, b, sq);
+      const T* in = static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) +
+                    b * (is_q ? p.q_in.stride[0] : p.k_in.stride[0]) +
+                    sq * (is_q ? p.q_in.stride[1] : p.k_in.stride[1]) +
+                    (is_q ? head : head - hq) * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
+      pa = load<W, true>(in, chunk * W, 1);
+      if constexpr (!kInter) pb = load<W, true>(in, chunk * W + half, 1);
+      pre = true;
     }
   }
 
-  // ---- 1. per-token cos/sin and row offsets, once per block
+  // ---- 1. per-token positions and row offsets, then cos/sin, once per block. The positions go through
+  // shared memory so that each is loaded from global memory once, by one thread, all in parallel (loading
+  // it for every cos/sin element put several global-memory latencies in a row before the barrier).
   for (int t = threadIdx.x; t < T_here; t += blockDim.x) {
     int64_t b, s;
     split(tok0 + t, b, s);
+    pos_s[t] = p.positions[b * p.pos_stride[0] + s * p.pos_stride[1]];
     offs[4 * t + 0] = b * p.q_in.stride[0] + s * p.q_in.stride[1];
     offs[4 * t + 1] = b * p.k_in.stride[0] + s * p.k_in.stride[1];
     offs[4 * t + 2] = b * p.q_out.stride[0] + s * p.q_out.stride[1];
     offs[4 * t + 3] = b * p.k_out.stride[0] + s * p.k_out.stride[1];
   }
+  __syncthreads();
   for (int idx = threadIdx.x; idx < T_here * L.n_stride; idx += blockDim.x) {
     const int t = idx / L.n_stride, i = idx - t * L.n_stride;
     Acc c = 1, s = 0;  // padding: never used for output, initialised all the same
     if (i < n) {
-      int64_t b, sq;
-      split(tok0 + t, b, sq);
-      const int64_t pos = p.positions[b * p.pos_stride[0] + sq * p.pos_stride[1]];
+      const int64_t pos = pos_s[t];
       if (p.inv_freq == nullptr && (pos < 0 || pos >= p.table_rows)) {
         c = s = std::numeric_limits<Acc>::quiet_NaN();  // never read outside the table
       } else {
@@ -274,16 +245,22 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   }
   __syncthreads();
 
-  // ---- 2. rotate (or copy) every unit of the block's tokens x heads
-  for (int u = threadIdx.x; u < units; u += blockDim.x, pre = false) {
-    // whole units first, the partial chunks (in place only) after them: warps stay on one path
-    int chunk, r;
+  // ---- 2. rotate (or copy) every unit of the block's tokens x heads; whole units first, the partial pieces
+  // (in place only) after them, so that warps stay on one path
+  for (int u = threadIdx.x; u < units; u += blockDim.x) {
+    // The thread's first unit was loaded in phase 0. (Loading the next unit here as well, two in flight,
+    // measured 5-10% slower on an H100 for Llama and Gemma shapes.)
+    const bool have = pre;
+    pre = false;
+
+    int chunk, r, piece = 0;
     if (u < whole) {
       chunk = u % uph;
       r = u / uph;
     } else {
       chunk = uph;
-      r = u - whole;
+      r = (u - whole) / L.partial_pieces;
+      piece = u - whole - r * L.partial_pieces;
     }
     const int t = r / h_count;
     const int head = h_begin + (r - t * h_count);
@@ -299,29 +276,26 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
     const Acc* sn = sin_s + t * L.n_stride;
 
     if constexpr (kUnit && kPartial) {
-      if (u >= whole) {  // in place, the chunk with the last rotated pairs
-        rotate_partial_dispatch<kInter ? V - 2 : V - 1, V, kInter>(L.partial_rem, out, chunk * W, half, cs, sn);
+      if (u >= whole) {  // in place: one piece of the chunk with the last rotated pairs
+        int off;
+        const int w = piece_of<V>(L.partial_rem, piece, off);
+        rotate_piece<V / 2, kInter>(out, chunk * W + off, half, cs, sn, w);
         continue;
       }
     }
-    if constexpr (kInter) {
+    if (chunk < L.rot_units) {
       const int ch = chunk * W;
-      const int cnt = max(0, min(n - ch / 2, W / 2));
-      if (cnt > 0) {  // cnt < W/2 only out of place: the others are copied
-        rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, cnt, pre, pa);
+      // cnt: the unit's rotating pairs; fewer than the unit's only out of place, where the others are copied
+      const int cnt = max(0, min(n - (kInter ? ch / 2 : ch), kInter ? W / 2 : W));
+      if (cnt == 0) {  // a copy (cos/sin rows hold only the rotating pairs)
+        store<W, kUnit>(out, ch, ocs, have ? pa : load<W, kUnit>(in, ch, ics));
+        if constexpr (!kInter) store<W, kUnit>(out, ch + half, ocs, have ? pb : load<W, kUnit>(in, ch + half, ics));
+      } else if constexpr (kInter) {
+        rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, cnt, have, pa);
       } else {
-        store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
+        rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, cnt, have, pa, pb);
       }
-    } else if (chunk < L.rot_units) {
-      const int ch = chunk * W;
-      const int cnt = max(0, min(n - ch, W));
-      if (cnt > 0) {
-        rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, cnt, pre, pa, pb);
-      } else {
-        store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
-        store<W, kUnit>(out, ch + half, ocs, load<W, kUnit>(in, ch + half, ics));
-      }
-    } else {  // out of place: channels past rotary_dim
+    } else {  // out of place, half-split: channels past rotary_dim
       const int ch = p.rotary_dim + (chunk - L.rot_units) * W;
       store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
     }
@@ -373,7 +347,8 @@ void launch_with(const RotaryParams& p) {
     L.units_per_head = L.rot_units + (D - 2 * half) / W;
   }
   const int h_total = static_cast<int>(p.q_in.heads + p.k_in.heads);
-  const int per_head = L.units_per_head + (L.partial_rem != 0);
+  L.partial_pieces = __builtin_popcount(L.partial_rem);
+  const int per_head = L.units_per_head + L.partial_pieces;
   if (per_head == 0 || h_total == 0 || L.tokens == 0) return;  // nothing to touch
   L.n_stride = (n + pairs_per_unit - 1) / pairs_per_unit * pairs_per_unit;
 
@@ -383,7 +358,7 @@ void launch_with(const RotaryParams& p) {
   const int sms = multiprocessors();
   const int64_t target = std::min<int64_t>(4 * kThreads, std::max<int64_t>(32, total / (4 * sms)));
   const int max_tokens_smem =
-      std::max(1, static_cast<int>(32768 / (4 * sizeof(int64_t) + 2 * sizeof(Acc) * std::max(1, L.n_stride))));
+      std::max(1, static_cast<int>(32768 / (6 * sizeof(int64_t) + 2 * sizeof(Acc) * std::max(1, L.n_stride))));
   int splits = 1;
   if (per_token <= target) {
     L.tokens_per_block = static_cast<int>(std::min<int64_t>({target / per_token, 64, max_tokens_smem, L.tokens}));
@@ -400,7 +375,8 @@ void launch_with(const RotaryParams& p) {
   const int64_t units_per_block = static_cast<int64_t>(L.tokens_per_block) * L.heads_per_block * per_head;
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, (units_per_block + 31) / 32 * 32));
   const dim3 grid(static_cast<unsigned>((L.tokens + L.tokens_per_block - 1) / L.tokens_per_block), splits);
-  const size_t smem = L.tokens_per_block * (4 * sizeof(int64_t) + 2 * sizeof(Acc) * L.n_stride);
+  const size_t smem = L.tokens_per_block * (4 * sizeof(int64_t) + 2 * sizeof(Acc) * L.n_stride) +
+                      (L.tokens_per_block + 1) / 2 * 2 * sizeof(int64_t);
   if constexpr (kUnit) {
     if (L.partial_rem != 0) {
       rotary_kernel<T, V, kInter, true><<<grid, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(p, L);
