@@ -87,7 +87,33 @@ CASES = [
 @pytest.mark.parametrize("dtype,layout,head_dim,name,rotary_dim,pairs,heads", CASES)
 def test_cuda_equals_reference_and_float64(dtype, layout, head_dim, name, rotary_dim, pairs, heads, tables,
                                            interleaved):
-    batch, seq = 3, 7
+    check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, tables, interleaved, 3, 7)
+
+
+# Long enough inputs (thousands of tokens) make the launch put whole tokens in each block, which switches on
+# the kernel's loads ahead of use: every thread's first unit before the cos/sin phase and, out of place when
+# some channels only copy, each next unit before the current one (the pipelined kernels). Short inputs split
+# a token's heads over blocks and take neither path.
+LONG_CASES = [
+    (torch.bfloat16, 128, 128, 64, (8, 2), False),   # Llama-like RoPE
+    (torch.bfloat16, 128, 128, 46, (8, 2), False),   # HoPE cut inside a 16-byte chunk
+    (torch.bfloat16, 512, 512, 64, (4, 1), False),   # Gemma 4 global layers: p-RoPE 0.25
+    (torch.float16, 128, 64, 32, (4, 1), False),     # partial rotary: a tail that only copies
+    (torch.float32, 128, 128, 40, (4, 2), False),
+    (torch.bfloat16, 128, 128, 46, (8, 2), True),    # interleaved
+    (torch.float32, 256, 256, 100, (2, 1), True),
+]
+
+
+@pytest.mark.parametrize("tables", [False, True])
+@pytest.mark.parametrize("dtype,head_dim,rotary_dim,pairs,heads,interleaved", LONG_CASES)
+def test_long_inputs_through_the_load_ahead_paths(dtype, head_dim, rotary_dim, pairs, heads, interleaved, tables):
+    check_against_reference(dtype, "bshd", head_dim, rotary_dim, pairs, heads, tables, interleaved, 2, 1536)
+
+
+def check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, tables, interleaved, batch, seq):
+    """Out of place == float64 and == the CPU reference; in place == out of place, bit for bit, leaving
+    channels that do not rotate exactly as they were."""
     hq, hk = heads
 
     def make(h):
