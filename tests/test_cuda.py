@@ -92,8 +92,8 @@ def test_cuda_equals_reference_and_float64(dtype, layout, head_dim, name, rotary
 
 # Long enough inputs (thousands of tokens) make the launch put whole tokens in each block, which switches on
 # the kernel's loads ahead of use: every thread's first unit before the cos/sin phase and, out of place when
-# some channels only copy, each next unit before the current one (the pipelined kernels). Short inputs split
-# a token's heads over blocks and take neither path.
+# some channels only copy, each next unit before the current one (the pipelined kernels). The short inputs
+# above mostly split a token's heads over blocks, which turns both off.
 LONG_CASES = [
     (torch.bfloat16, 128, 128, 64, (8, 2), False),   # Llama-like RoPE
     (torch.bfloat16, 128, 128, 46, (8, 2), False),   # HoPE cut inside a 16-byte chunk
