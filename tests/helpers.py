@@ -84,6 +84,13 @@ def random_rotation_strategies():
     )
 
 
+def rotate64_tables(x, c, s, rotary_dim=None, interleaved=False, layout="bshd"):
+    """Independent float64 rotation by given cos/sin values c, s [batch, seq, rotary_dim/2] (e.g. the float32
+    table rows an op was given)."""
+    rot = torch.complex(c.double().cpu(), s.double().cpu())[:, :, None, :]
+    return rotate64_by(x, rot, rotary_dim, interleaved, layout)
+
+
 def check_random_rotation(device, batch, seq, hq, hk, half, rot_frac, pair_frac, interleaved, transpose, sliced,
                           inplace, dtype, tables, max_pos, seed):
     """One property-test case on `device`: apply_rotary on random (possibly transposed / sliced) q and k equals
@@ -121,8 +128,7 @@ def check_random_rotation(device, batch, seq, hq, hk, half, rot_frac, pair_frac,
         assert torch.equal(q, q0) and torch.equal(k, k0)
     for x, out in ((q0, q2), (k0, k2)):
         if tables:  # expected from the float32 table values the op was given
-            rot = torch.complex(cos[positions].double(), sin[positions].double())[:, :, None, :]
-            want = rotate64_by(x, rot, rotary_dim, interleaved)
+            want = rotate64_tables(x, cos[positions], sin[positions], rotary_dim, interleaved)
         else:
             want = rotate64(x.cpu(), positions, inv, rotary_dim, interleaved)
         assert_close_to_64(out.cpu(), want, x.cpu(), dtype, rotary_dim, interleaved)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is n
 
 import posenc  # noqa: E402
 from posenc.ops import rotary_reference  # noqa: E402
-from helpers import assert_close_to_64, check_packed_varlen, check_random_rotation, random_rotation_strategies, rotate64, rotate64_by  # noqa: E402
+from helpers import assert_close_to_64, check_packed_varlen, check_random_rotation, random_rotation_strategies, rotate64, rotate64_tables  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEV = "cuda"
@@ -43,12 +43,6 @@ def table(rotary_dim, pairs, rows):
         angle = torch.arange(rows, dtype=torch.float64, device=DEV)[:, None] * inv_freq(rotary_dim, pairs).to(DEV)
         _TABLES[key] = (angle.cos().float(), angle.sin().float())
     return _TABLES[key]
-
-
-def rotate64_tables(x, c, s, rotary_dim, interleaved, layout):
-    """Independent float64 rotation by given cos/sin values c, s [batch, seq, rotary_dim/2]."""
-    rot = torch.complex(c.double().cpu(), s.double().cpu())[:, :, None, :]
-    return rotate64_by(x, rot, rotary_dim, interleaved, layout)
 
 
 def rotated_mask(head_dim, rotary_dim, pairs, interleaved):
