@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One run on a CUDA machine (no network needed), in under 10 minutes: build posenc with its CUDA op, run the
-# whole test suite (CPU and GPU tests), run the GPU benchmark. Log, JSON and PNG go to $OUT (default ./out).
+# whole test suite (CPU and GPU tests), run the GPU benchmark and the memory-floor measurement
+# (benchmarks/access_floor.cu). Log, JSON, PNG and tables go to $OUT (default ./out).
 #   OUT=/tmp/out bash scripts/gpu_check.sh
 # Pure-Python wheels found in .whl/ (e.g. liger-kernel, which the benchmark compares with) are put on
 # PYTHONPATH first; BENCH_PRESET picks the benchmark preset (default "gpu"), PYTEST_ARGS adds pytest flags,
@@ -46,5 +47,13 @@ $PY -m pytest -q -p no:cacheprovider --durations=10 $XDIST ${PYTEST_ARGS:-} ${TE
 step "benchmark"
 $PY benchmarks/bench_rotary.py --device cuda --preset "${BENCH_PRESET:-gpu}" --json "$OUT/bench.json" --plot "$OUT/bench.png" \
   2> "$OUT/bench_progress.log" | tee "$OUT/bench.txt" || status=1
+step "memory floor (benchmarks/access_floor.cu: the ideal access pattern of a partial in-place rotation)"
+if command -v nvcc >/dev/null 2>&1; then
+  ARCH=$($PY -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())')
+  nvcc -O3 -std=c++17 -arch="$ARCH" -o /tmp/posenc_access_floor benchmarks/access_floor.cu \
+    && /tmp/posenc_access_floor | tee "$OUT/access_floor.txt" || status=1
+else
+  echo "nvcc not found: skipped"
+fi
 step "done, status $status"
 exit $status

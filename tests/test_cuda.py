@@ -76,12 +76,16 @@ CASES = [
 ]
 
 
+# Positions per batch row, or one [seq] row shared by the batch (what the default positions and transformers'
+# position_ids give; the op then sees a batch stride of 0).
+@pytest.mark.parametrize("shared_positions", [False, True], ids=["row_positions", "shared_positions"])
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("tables", [False, True])
 @pytest.mark.parametrize("dtype,layout,head_dim,name,rotary_dim,pairs,heads", CASES)
 def test_cuda_equals_reference_and_float64(dtype, layout, head_dim, name, rotary_dim, pairs, heads, tables,
-                                           interleaved):
-    check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, tables, interleaved, 3, 7)
+                                           interleaved, shared_positions):
+    check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, tables, interleaved, 3, 7,
+                            shared_positions)
 
 
 # Long enough inputs (thousands of tokens) make the launch put whole tokens in each block, which switches on
@@ -99,15 +103,21 @@ LONG_CASES = [
 ]
 
 
+@pytest.mark.parametrize("shared_positions", [False, True], ids=["row_positions", "shared_positions"])
 @pytest.mark.parametrize("tables", [False, True])
 @pytest.mark.parametrize("dtype,head_dim,rotary_dim,pairs,heads,interleaved", LONG_CASES)
-def test_long_inputs_through_the_load_ahead_paths(dtype, head_dim, rotary_dim, pairs, heads, interleaved, tables):
-    check_against_reference(dtype, "bshd", head_dim, rotary_dim, pairs, heads, tables, interleaved, 2, 1536)
+def test_long_inputs_through_the_load_ahead_paths(dtype, head_dim, rotary_dim, pairs, heads, interleaved, tables,
+                                                  shared_positions):
+    batch, seq = (3, 1024) if shared_positions else (2, 1536)
+    check_against_reference(dtype, "bshd", head_dim, rotary_dim, pairs, heads, tables, interleaved, batch, seq,
+                            shared_positions)
 
 
-def check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, tables, interleaved, batch, seq):
+def check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, tables, interleaved, batch, seq,
+                            shared_positions=False):
     """Out of place == float64 and == the CPU reference; in place == out of place, bit for bit, leaving
-    channels that do not rotate exactly as they were."""
+    channels that do not rotate exactly as they were. Positions differ per batch row, or (shared_positions)
+    are one [seq] row for the whole batch."""
     hq, hk = heads
 
     def make(h):
@@ -115,8 +125,13 @@ def check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, t
         return torch.randn(shape, device=DEV).to(dtype)
 
     q, k = make(hq), make(hk)
-    positions = torch.randint(0, 130_000, (batch, 1), device=DEV) + torch.arange(seq, device=DEV)
-    positions[0] = torch.randint(0, 64, (1,)).item() + torch.arange(seq, device=DEV)  # and a small row
+    if shared_positions:
+        positions = (torch.randint(0, 130_000, (1,), device=DEV) + torch.arange(seq, device=DEV)).expand(batch, seq)
+        pos_arg = positions[0]  # [seq]: the op sees it expanded over the batch, stride 0
+    else:
+        positions = torch.randint(0, 130_000, (batch, 1), device=DEV) + torch.arange(seq, device=DEV)
+        positions[0] = torch.randint(0, 64, (1,)).item() + torch.arange(seq, device=DEV)  # and a small row
+        pos_arg = positions
     inv = inv_freq(rotary_dim, pairs)
     kw = dict(rotary_dim=rotary_dim, rotated_pairs=pairs, interleaved=interleaved, layout=layout)
     if tables:
@@ -128,7 +143,7 @@ def check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, t
     q0, k0 = q.clone(), k.clone()
 
     # out of place
-    q2, k2 = posenc.apply_rotary(q, k, positions=positions, **src, **kw)
+    q2, k2 = posenc.apply_rotary(q, k, positions=pos_arg, **src, **kw)
     assert torch.equal(q, q0) and torch.equal(k, k0), "out of place must leave its inputs untouched"
     assert q2.shape == q.shape and k2.shape == k.shape and q2.dtype == dtype
 
@@ -156,7 +171,7 @@ def check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, t
 
     # in place: same numbers, bit for bit, and channels that do not rotate are left exactly as they were
     qi, ki = q0.clone(), k0.clone()
-    q3, k3 = posenc.apply_rotary(qi, ki, positions=positions, inplace=True, **src, **kw)
+    q3, k3 = posenc.apply_rotary(qi, ki, positions=pos_arg, inplace=True, **src, **kw)
     assert q3 is qi and k3 is ki
     assert torch.equal(qi, q2) and torch.equal(ki, k2)
     keep = ~rotated_mask(head_dim, rotary_dim, pairs, interleaved).to(DEV)
