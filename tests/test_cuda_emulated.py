@@ -1,0 +1,158 @@
+"""The CUDA kernel's logic without a GPU: csrc/rotary_cuda.cu compiled for the CPU by cuda_emulator.py.
+
+Every call checks that out of place == the reference (float64 bound) and leaves its inputs alone, that in
+place == out of place bit for bit, that an in-place call reads and writes no byte outside the rotating
+channels and that every vector access is aligned. Runs everywhere a C++20 compiler is (the GPU tests in
+test_cuda.py check the compiled kernel itself, on a GPU).
+"""
+import itertools
+import random
+
+import pytest
+import torch
+
+from cuda_emulator import load
+from helpers import assert_close_to_64
+from posenc.ops import rotary_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return load()
+
+
+def inv_freq(rotary_dim, pairs):
+    inv = 10000.0 ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    inv[pairs:] = 0
+    return inv
+
+
+def configs(D):
+    """(rotary_dim, rotated_pairs, (q_heads, kv_heads)): full, partial rotary, a HoPE-like cut inside a
+    16-byte chunk, partial with an odd cut, nothing rotating, one pair, all but one pair."""
+    half, partial, three_q = D // 2, max(2, (D // 2) // 2 * 2), max(2, (3 * D // 4) // 2 * 2)
+    return [(D, half, (8, 2)), (partial, partial // 2, (4, 1)), (D, max(1, int(0.72 * half)), (6, 2)),
+            (three_q, max(1, three_q // 2 - 3), (3, 1)), (D, 0, (2, 1)), (D, 1, (1, 1)), (D, half - 1, (2, 3))]
+
+
+def rotating_channels(D, rotary_dim, pairs, interleaved):
+    m = torch.zeros(D, dtype=torch.bool)
+    if interleaved:
+        m[:2 * pairs] = True
+    else:
+        m[:pairs] = True
+        m[rotary_dim // 2: rotary_dim // 2 + pairs] = True
+    return m
+
+
+def byte_set(x, channels):
+    """The byte addresses of x's elements in the given channels (a bool mask over the last dim)."""
+    offs = torch.zeros(x.shape, dtype=torch.long)
+    for d in range(4):
+        shape = [1] * 4
+        shape[d] = x.shape[d]
+        offs = offs + torch.arange(x.shape[d]).view(shape) * x.stride(d)
+    es = x.element_size()
+    starts = (offs[..., channels].flatten() * es + x.data_ptr()).tolist()
+    return {a + j for a in starts for j in range(es)}
+
+
+def check_log(log, allowed, what):
+    assert int(log[0, 0]) == 0, f"{what}: {int(log[0, 0])} misaligned accesses"
+    assert len(log) > 1 or not allowed, f"{what}: no access logged"
+    lo = min(allowed) if allowed else 0
+    for a, n in log[1:].tolist():
+        for j in range(n):
+            assert a + j in allowed, f"{what}: touched byte {a + j - lo} (from the lowest allowed) outside the allowed set"
+
+
+def make(batch, seq, heads, D, dtype, view, g):
+    if view == "sliced":  # channel offset 1: rows not 16-byte aligned, the scalar path
+        return torch.randn(batch, seq, heads, D + 2, generator=g).to(dtype)[..., 1:D + 1]
+    if view == "heads":  # a slice of a wider head dimension and of the channels
+        return torch.randn(batch, seq, heads + 3, D + 8, generator=g).to(dtype)[:, :, 2:2 + heads, :D]
+    if view == "bhsd":
+        return torch.randn(batch, heads, seq, D, generator=g).to(dtype).transpose(1, 2)
+    return torch.randn(batch, seq, heads, D, generator=g).to(dtype)
+
+
+def run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved, view="bshd", shared_positions=False,
+             batch=2, seq=3):
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    q, k = (make(batch, seq, h, D, dtype, view, g) for h in heads)
+    if shared_positions:  # one row for the whole batch: batch stride 0
+        pos = (torch.randint(0, 130_000, (1,), generator=g) + torch.arange(seq)).expand(batch, seq)
+    else:
+        pos = torch.randint(0, 130_000, (batch, 1), generator=g) + torch.arange(seq)
+    inv = inv_freq(rotary_dim, pairs)
+    if tables:  # a compact table: one row per token
+        angle = pos.flatten().double()[:, None] * inv
+        args = (angle.cos().float(), angle.sin().float(), None, torch.arange(batch * seq).view(batch, seq))
+    else:
+        args = (None, None, inv, pos)
+    args = (*args, 1.0, rotary_dim, pairs, interleaved, False)
+    ref = rotary_reference(q, k, *args)
+    q0, k0 = q.clone(), k.clone()
+
+    emu.log_begin()
+    out = emu.rotary(q, k, *args)
+    log = emu.log_end()
+    assert torch.equal(q, q0) and torch.equal(k, k0), "out of place must leave its inputs untouched"
+    every = torch.ones(D, dtype=torch.bool)
+    check_log(log, set().union(*(byte_set(x, every) for x in (q, k, *out))), "out of place")
+    for o, r, x in zip(out, ref, (q0, k0)):
+        if x.numel():
+            assert_close_to_64(o, r.double(), x, dtype, rotary_dim, interleaved)
+
+    # in place, on tensors with the inputs' own strides (the strided views themselves where they are views)
+    qi, ki = (x if view in ("sliced", "heads") else torch.empty_strided(x.shape, x.stride(), dtype=dtype).copy_(x)
+              for x in (q, k))
+    keep = rotating_channels(D, rotary_dim, pairs, interleaved)
+    emu.log_begin()
+    emu.rotary_(qi, ki, *args)
+    log = emu.log_end()
+    check_log(log, byte_set(qi, keep) | byte_set(ki, keep), "in place")
+    assert torch.equal(qi, out[0]) and torch.equal(ki, out[1]), "in place != out of place"
+    assert torch.equal(qi[..., ~keep], q0[..., ~keep]) and torch.equal(ki[..., ~keep], k0[..., ~keep])
+
+
+MATRIX = [(dtype, D, *cfg) for dtype, D in itertools.product(DTYPES, [64, 80, 128, 256, 512])
+          if dtype != torch.float64 or D in (64, 128) for cfg in configs(D)]
+
+
+@pytest.mark.parametrize("dtype,D,rotary_dim,pairs,heads", MATRIX)
+def test_emulated_kernel_matrix(emu, dtype, D, rotary_dim, pairs, heads):
+    """Tables and frequencies x both pairings; layouts and position kinds alternate over the four."""
+    for i, (tables, interleaved) in enumerate(itertools.product([False, True], [False, True])):
+        run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved,
+                 view="bhsd" if i % 2 else "bshd", shared_positions=i in (1, 2))
+
+
+@pytest.mark.parametrize("view", ["sliced", "heads"])
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.float32, 80), (torch.float16, 128)])
+def test_emulated_kernel_strided_views(emu, dtype, D, view):
+    for rotary_dim, pairs, heads in configs(D):
+        for tables, interleaved in itertools.product([False, True], [False, True]):
+            run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved, view=view)
+
+
+@pytest.mark.parametrize("batch,seq,heads,D,pairs,interleaved,dtype,shared", [
+    (2, 600, (2, 1), 64, 32, False, torch.bfloat16, False),   # many tokens per block, first unit loaded ahead
+    (3, 400, (2, 1), 64, 23, True, torch.float32, True),
+    (2, 300, (8, 2), 128, 46, False, torch.bfloat16, True),   # HoPE cut, out of place pipelined
+    (2, 100, (4, 1), 512, 64, False, torch.bfloat16, False),  # Gemma 4 global layers, p = 0.25
+    (64, 1, (32, 8), 128, 64, False, torch.bfloat16, False),  # decode: a token's heads over several blocks
+    (64, 1, (32, 8), 128, 46, True, torch.float16, False),
+    (3, 300, (3, 0), 64, 30, False, torch.bfloat16, True),    # no k heads
+])
+def test_emulated_kernel_long_and_decode(emu, batch, seq, heads, D, pairs, interleaved, dtype, shared):
+    run_case(emu, dtype, D, D, pairs, heads, False, interleaved, shared_positions=shared, batch=batch, seq=seq)
+
+
+def test_emulated_kernel_table_positions_out_of_range_give_nan(emu):
+    cos, sin = torch.rand(16, 32), torch.rand(16, 32)
+    q, k = torch.randn(1, 3, 2, 64), torch.randn(1, 3, 1, 64)
+    out = emu.rotary(q, k, cos, sin, None, torch.tensor([[0, 16, 1 << 40]]), 1.0, 64, 32, False, False)
+    assert out[0][0, 1:].isnan().all() and not out[0][0, 0].isnan().any()
