@@ -71,8 +71,11 @@ struct CUDAGuard {
 };
 }  // namespace c10::cuda
 enum { cudaDevAttrMultiProcessorCount = 16 };
+// The multiprocessors a launch plans for (default: an H100's 132). Fewer make small inputs take the launch
+// shapes of large ones (whole tokens per block, several units per thread); set by set_multiprocessors.
+inline int emu_multiprocessors = 132;
 inline int cudaDeviceGetAttribute(int* n, int, int) {
-  *n = 132;  // an H100's multiprocessors: the launch shapes are those of the GPU the kernel is tuned on
+  *n = emu_multiprocessors;
   return 0;
 }
 #define C10_CUDA_CHECK(x) (void)(x)

@@ -7,7 +7,8 @@ hooks that check alignment and record the bytes touched, and the CUDA registrati
 the namespace `posenc_emu`. Each substitution is checked, so an edit of the kernel that they no longer fit
 fails here loudly instead of testing something else.
 
-What this checks: indexing, work split and launch shapes (those of a 132-multiprocessor GPU), in-place
+What this checks: indexing, work split and launch shapes (those of a GPU with a given number of
+multiprocessors: with few, small inputs take the shapes of large ones), in-place
 calls touching only the rotating channels, alignment of every vector access, shared memory read only after
 it is written. What it does not: timing, the GPU memory model beyond __syncthreads, CUDA's own sincos (the
 host's float sin/cos run instead, as in the C++ CPU kernel), nvcc's code generation.
@@ -50,6 +51,8 @@ def emulated_source(cuda_src: str) -> str:
              r"emu_launch(\1, \2, \3, \4, p, L);", s, "kernel launches")
     if "<<<" in s:
         raise AssertionError("cuda_emulator: a kernel launch that the launch substitution does not fit")
+    # the multiprocessor count is asked at every launch (set_multiprocessors changes it), not cached
+    s = _sub(re.escape("if (cache[dev] == 0) {"), "if (true) {", s, "the multiprocessor cache", 1)
     s = _sub(re.escape("extern __shared__ __align__(16) unsigned char smem[];"),
              "unsigned char* smem = emu_smem;", s, "the shared-memory declaration", 1)
     s = _sub(r"reinterpret_cast<((?:const )?Vec<[^>]*>\*)>", r"emu_cast<\1>", s, "vector accesses")
@@ -61,6 +64,7 @@ TORCH_LIBRARY({NAMESPACE}, m) {{
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, {_SCHEMA_ARGS}) -> ()");
   m.impl("rotary", c10::DispatchKey::CPU, &posenc::rotary_cuda);
   m.impl("rotary_", c10::DispatchKey::CPU, &posenc::rotary_cuda_);
+  m.def("set_multiprocessors(int n) -> ()", [](int64_t n) {{ emu_multiprocessors = static_cast<int>(n); }});
   m.def("log_begin() -> ()", []() {{
     std::lock_guard<std::mutex> guard(emu_mutex);
     emu_log.clear();
@@ -90,7 +94,7 @@ _OPS = None
 
 def load():
     """Builds (once per source version, cached under the temp dir) and loads the emulated op: returns the
-    `torch.ops.posenc_emu` namespace (rotary, rotary_, log_begin, log_end)."""
+    `torch.ops.posenc_emu` namespace (rotary, rotary_, set_multiprocessors, log_begin, log_end)."""
     global _OPS
     if _OPS is not None:
         return _OPS

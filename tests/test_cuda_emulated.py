@@ -79,7 +79,11 @@ def make(batch, seq, heads, D, dtype, view, g):
 
 
 def run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved, view="bshd", shared_positions=False,
-             batch=2, seq=3):
+             batch=2, seq=3, multiprocessors=132):
+    """multiprocessors: what the launch plans for. 132 (an H100) splits the heads of these few tokens over
+    blocks; 1 or 2 give them the shapes of long inputs on a GPU: whole tokens per block, the first unit
+    loaded ahead and (out of place, with channels that only copy) the pipelined kernels."""
+    emu.set_multiprocessors(multiprocessors)
     g = torch.Generator().manual_seed(random.randrange(2**31))
     q, k = (make(batch, seq, h, D, dtype, view, g) for h in heads)
     if shared_positions:  # one row for the whole batch: batch stride 0
@@ -124,10 +128,12 @@ MATRIX = [(dtype, D, *cfg) for dtype, D in itertools.product(DTYPES, [64, 80, 12
 
 @pytest.mark.parametrize("dtype,D,rotary_dim,pairs,heads", MATRIX)
 def test_emulated_kernel_matrix(emu, dtype, D, rotary_dim, pairs, heads):
-    """Tables and frequencies x both pairings; layouts and position kinds alternate over the four."""
-    for i, (tables, interleaved) in enumerate(itertools.product([False, True], [False, True])):
-        run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved,
-                 view="bhsd" if i % 2 else "bshd", shared_positions=i in (1, 2))
+    """Tables and frequencies x both pairings x launches planned for 132 and for 1 multiprocessor; layouts and
+    position kinds alternate."""
+    combos = itertools.product([False, True], [False, True], [132, 1])
+    for i, (tables, interleaved, multiprocessors) in enumerate(combos):
+        run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved, view="bhsd" if i % 2 else "bshd",
+                 shared_positions=i % 4 in (1, 2), multiprocessors=multiprocessors)
 
 
 @pytest.mark.parametrize("view", ["sliced", "heads"])
@@ -135,20 +141,26 @@ def test_emulated_kernel_matrix(emu, dtype, D, rotary_dim, pairs, heads):
 def test_emulated_kernel_strided_views(emu, dtype, D, view):
     for rotary_dim, pairs, heads in configs(D):
         for tables, interleaved in itertools.product([False, True], [False, True]):
-            run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved, view=view)
+            run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved, view=view,
+                     multiprocessors=1 if tables == interleaved else 132)
 
 
-@pytest.mark.parametrize("batch,seq,heads,D,pairs,interleaved,dtype,shared", [
-    (2, 600, (2, 1), 64, 32, False, torch.bfloat16, False),   # many tokens per block, first unit loaded ahead
-    (3, 400, (2, 1), 64, 23, True, torch.float32, True),
-    (2, 300, (8, 2), 128, 46, False, torch.bfloat16, True),   # HoPE cut, out of place pipelined
-    (2, 100, (4, 1), 512, 64, False, torch.bfloat16, False),  # Gemma 4 global layers, p = 0.25
-    (64, 1, (32, 8), 128, 64, False, torch.bfloat16, False),  # decode: a token's heads over several blocks
-    (64, 1, (32, 8), 128, 46, True, torch.float16, False),
-    (3, 300, (3, 0), 64, 30, False, torch.bfloat16, True),    # no k heads
+# Launches planned for 2 multiprocessors put several tokens in each block and several units on each thread
+# (the first loaded ahead, each next one too in the pipelined kernels), as thousands of tokens do on a GPU.
+@pytest.mark.parametrize("batch,seq,heads,D,pairs,interleaved,dtype,shared,multiprocessors", [
+    (2, 200, (2, 1), 64, 32, False, torch.bfloat16, False, 2),    # full rotation
+    (3, 100, (2, 1), 64, 23, True, torch.float32, True, 2),       # interleaved, partial chunk in place
+    (2, 100, (8, 2), 128, 46, False, torch.bfloat16, True, 2),    # HoPE cut: out of place pipelined
+    (2, 50, (4, 1), 512, 64, False, torch.bfloat16, False, 2),    # Gemma 4 global layers, p = 0.25
+    (2, 100, (4, 1), 256, 100, True, torch.float16, False, 2),    # interleaved with copies: pipelined
+    (64, 1, (32, 8), 128, 64, False, torch.bfloat16, False, 132),  # decode: a token's heads over blocks
+    (64, 1, (32, 8), 128, 46, True, torch.float16, False, 132),
+    (3, 100, (3, 0), 64, 30, False, torch.bfloat16, True, 2),     # no k heads
 ])
-def test_emulated_kernel_long_and_decode(emu, batch, seq, heads, D, pairs, interleaved, dtype, shared):
-    run_case(emu, dtype, D, D, pairs, heads, False, interleaved, shared_positions=shared, batch=batch, seq=seq)
+def test_emulated_kernel_long_and_decode(emu, batch, seq, heads, D, pairs, interleaved, dtype, shared,
+                                         multiprocessors):
+    run_case(emu, dtype, D, D, pairs, heads, False, interleaved, shared_positions=shared, batch=batch, seq=seq,
+             multiprocessors=multiprocessors)
 
 
 def test_emulated_kernel_table_positions_out_of_range_give_nan(emu):
