@@ -22,6 +22,38 @@ def expected_inv_freq(kind, head_dim, base=10_000.0, rotary_dim=None, p=None, co
     return inv
 
 
+def masked_inv_freq(rotary_dim, pairs, base=10_000.0):
+    """float64 inverse frequencies with only the first `pairs` non-zero (what rotated_pairs means)."""
+    inv = default_inv_freq(rotary_dim, base)
+    inv[pairs:] = 0
+    return inv
+
+
+def rotated_mask(head_dim, rotary_dim, pairs, interleaved):
+    """bool [head_dim]: the channels that rotate (the only ones an in-place call may touch)."""
+    m = torch.zeros(head_dim, dtype=torch.bool)
+    if interleaved:
+        m[: 2 * pairs] = True
+    else:
+        m[:pairs] = True
+        m[rotary_dim // 2: rotary_dim // 2 + pairs] = True
+    return m
+
+
+def rotary_configs(head_dim):
+    """(name, rotary_dim, rotated_pairs, (q_heads, kv_heads)): full, partial rotary, a HoPE-like cut that
+    ends inside a 16-byte chunk, and partial rotary with an odd cut; GQA and MQA head counts."""
+    half = head_dim // 2
+    partial = max(2, (head_dim // 2) // 2 * 2)
+    three_q = max(2, (3 * head_dim // 4) // 2 * 2)
+    return [
+        ("full", head_dim, half, (8, 2)),
+        ("partial", partial, partial // 2, (4, 1)),
+        ("cut", head_dim, max(1, int(0.72 * half)), (6, 2)),
+        ("partial_cut", three_q, max(1, three_q // 2 - 3), (3, 1)),
+    ]
+
+
 def rotate64(x, positions, inv_freq, rotary_dim=None, interleaved=False, layout="bshd", scale=1.0):
     """Rotate x (any float dtype) in float64 with complex arithmetic: z_i * exp(i * m * w_i)."""
     batch, seq = (x.shape[0], x.shape[1 if layout == "bshd" else 2])

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is n
 
 import posenc  # noqa: E402
 from posenc.ops import rotary_reference  # noqa: E402
-from helpers import assert_close_to_64, check_packed_varlen, check_random_rotation, random_rotation_strategies, rotate64, rotate64_tables  # noqa: E402
+from helpers import assert_close_to_64, check_packed_varlen, check_random_rotation, masked_inv_freq, random_rotation_strategies, rotary_configs, rotate64, rotate64_tables, rotated_mask  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEV = "cuda"
@@ -27,12 +27,6 @@ def _needs_cuda_kernel():
     yield
 
 
-def inv_freq(rotary_dim, pairs, base=10_000.0):
-    inv = base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    inv[pairs:] = 0
-    return inv
-
-
 _TABLES = {}
 
 
@@ -40,39 +34,15 @@ def table(rotary_dim, pairs, rows):
     """float32 cos/sin [rows, rotary_dim/2] built on the GPU in float64 (cached: tables reach 1.3e5 rows)."""
     key = (rotary_dim, pairs, rows)
     if key not in _TABLES:
-        angle = torch.arange(rows, dtype=torch.float64, device=DEV)[:, None] * inv_freq(rotary_dim, pairs).to(DEV)
+        angle = torch.arange(rows, dtype=torch.float64, device=DEV)[:, None] * masked_inv_freq(rotary_dim, pairs).to(DEV)
         _TABLES[key] = (angle.cos().float(), angle.sin().float())
     return _TABLES[key]
-
-
-def rotated_mask(head_dim, rotary_dim, pairs, interleaved):
-    m = torch.zeros(head_dim, dtype=torch.bool)
-    if interleaved:
-        m[: 2 * pairs] = True
-    else:
-        m[:pairs] = True
-        m[rotary_dim // 2: rotary_dim // 2 + pairs] = True
-    return m
-
-
-def configs(head_dim):
-    """(name, rotary_dim, rotated_pairs, (q_heads, kv_heads)): full, partial rotary, a HoPE-like cut that
-    ends inside a 16-byte chunk, and partial rotary with an odd cut; GQA and MQA head counts."""
-    half = head_dim // 2
-    partial = max(2, (head_dim // 2) // 2 * 2)
-    three_q = max(2, (3 * head_dim // 4) // 2 * 2)
-    return [
-        ("full", head_dim, half, (8, 2)),
-        ("partial", partial, partial // 2, (4, 1)),
-        ("cut", head_dim, max(1, int(0.72 * half)), (6, 2)),
-        ("partial_cut", three_q, max(1, three_q // 2 - 3), (3, 1)),
-    ]
 
 
 CASES = [
     (dtype, layout, d, *cfg)
     for dtype, layout, d in itertools.product(DTYPES, ["bshd", "bhsd"], [64, 80, 128, 256, 512])
-    for cfg in configs(d)
+    for cfg in rotary_configs(d)
 ]
 
 
@@ -132,7 +102,7 @@ def check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, t
         positions = torch.randint(0, 130_000, (batch, 1), device=DEV) + torch.arange(seq, device=DEV)
         positions[0] = torch.randint(0, 64, (1,)).item() + torch.arange(seq, device=DEV)  # and a small row
         pos_arg = positions
-    inv = inv_freq(rotary_dim, pairs)
+    inv = masked_inv_freq(rotary_dim, pairs)
     kw = dict(rotary_dim=rotary_dim, rotated_pairs=pairs, interleaved=interleaved, layout=layout)
     if tables:
         cos, sin = table(rotary_dim, pairs, 130_000 + seq)
@@ -186,7 +156,7 @@ def test_inplace_never_writes_unrotated_channels():
     keep = ~rotated_mask(head_dim, head_dim, pairs, False).to(DEV)
     q[..., keep] = float("nan")
     bits = q.view(torch.int16).clone()
-    posenc.apply_rotary(q, k, inv_freq=inv_freq(head_dim, pairs).to(DEV), rotated_pairs=pairs, inplace=True)
+    posenc.apply_rotary(q, k, inv_freq=masked_inv_freq(head_dim, pairs).to(DEV), rotated_pairs=pairs, inplace=True)
     assert torch.equal(q.view(torch.int16)[..., keep], bits[..., keep])
     assert not q[..., ~keep].isnan().any()
 
@@ -197,7 +167,7 @@ def test_scale_and_inverse(dtype):
     q = torch.randn(2, 5, 3, head_dim, device=DEV, dtype=dtype)
     k = torch.randn(2, 5, 1, head_dim, device=DEV, dtype=dtype)
     positions = torch.randint(0, 200_000, (2, 5), device=DEV)
-    inv = inv_freq(head_dim, head_dim // 2)
+    inv = masked_inv_freq(head_dim, head_dim // 2)
     for inverse in (False, True):
         q2, k2 = posenc.apply_rotary(q, k, positions=positions, inv_freq=inv.to(DEV), scale=1.25, inverse=inverse)
         if dtype == torch.float64:
@@ -219,7 +189,7 @@ def test_views_sliced_heads_and_odd_offsets():
     """Non-contiguous head strides (vector path) and odd channel offsets (scalar path)."""
     base = torch.randn(2, 6, 10, 136, device=DEV, dtype=torch.bfloat16)
     positions = torch.randint(0, 5000, (2, 6), device=DEV)
-    inv = inv_freq(128, 40)
+    inv = masked_inv_freq(128, 40)
     for q in (base[:, :, 2:8, :128], base[:, :, :4, 1:129], base.transpose(1, 2)[:, 1:7, :, 8:136].transpose(1, 2)):
         k = q[:, :, :1]
         q2, k2 = posenc.apply_rotary(q, k, positions=positions, inv_freq=inv.to(DEV), rotated_pairs=40)
@@ -256,7 +226,7 @@ def test_table_position_out_of_range_gives_nan_not_a_read():
 
 def op_args(tables, head_dim=64, pairs=24):
     positions = torch.randint(0, 100, (2, 1), device=DEV) + torch.arange(5, device=DEV)
-    inv = inv_freq(head_dim, pairs).to(DEV)
+    inv = masked_inv_freq(head_dim, pairs).to(DEV)
     if tables:
         cos, sin = table(head_dim, pairs, 128)
         return (cos, sin, None, positions, 1.0, head_dim, pairs, False, False)

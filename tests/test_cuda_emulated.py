@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cuda_emulator import load
-from helpers import assert_close_to_64
+from helpers import assert_close_to_64, masked_inv_freq, rotary_configs, rotated_mask
 from posenc.ops import rotary_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -23,28 +23,11 @@ def emu():
     return load()
 
 
-def inv_freq(rotary_dim, pairs):
-    inv = 10000.0 ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    inv[pairs:] = 0
-    return inv
-
-
 def configs(D):
-    """(rotary_dim, rotated_pairs, (q_heads, kv_heads)): full, partial rotary, a HoPE-like cut inside a
-    16-byte chunk, partial with an odd cut, nothing rotating, one pair, all but one pair."""
-    half, partial, three_q = D // 2, max(2, (D // 2) // 2 * 2), max(2, (3 * D // 4) // 2 * 2)
-    return [(D, half, (8, 2)), (partial, partial // 2, (4, 1)), (D, max(1, int(0.72 * half)), (6, 2)),
-            (three_q, max(1, three_q // 2 - 3), (3, 1)), (D, 0, (2, 1)), (D, 1, (1, 1)), (D, half - 1, (2, 3))]
-
-
-def rotating_channels(D, rotary_dim, pairs, interleaved):
-    m = torch.zeros(D, dtype=torch.bool)
-    if interleaved:
-        m[:2 * pairs] = True
-    else:
-        m[:pairs] = True
-        m[rotary_dim // 2: rotary_dim // 2 + pairs] = True
-    return m
+    """(rotary_dim, rotated_pairs, (q_heads, kv_heads)): those of the GPU tests, then nothing rotating, one
+    pair, all but one pair."""
+    half = D // 2
+    return [c[1:] for c in rotary_configs(D)] + [(D, 0, (2, 1)), (D, 1, (1, 1)), (D, half - 1, (2, 3))]
 
 
 def byte_set(x, channels):
@@ -90,7 +73,7 @@ def run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved, view=
         pos = (torch.randint(0, 130_000, (1,), generator=g) + torch.arange(seq)).expand(batch, seq)
     else:
         pos = torch.randint(0, 130_000, (batch, 1), generator=g) + torch.arange(seq)
-    inv = inv_freq(rotary_dim, pairs)
+    inv = masked_inv_freq(rotary_dim, pairs)
     if tables:  # a compact table: one row per token
         angle = pos.flatten().double()[:, None] * inv
         args = (angle.cos().float(), angle.sin().float(), None, torch.arange(batch * seq).view(batch, seq))
@@ -113,7 +96,7 @@ def run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved, view=
     # in place, on tensors with the inputs' own strides (the strided views themselves where they are views)
     qi, ki = (x if view in ("sliced", "heads") else torch.empty_strided(x.shape, x.stride(), dtype=dtype).copy_(x)
               for x in (q, k))
-    keep = rotating_channels(D, rotary_dim, pairs, interleaved)
+    keep = rotated_mask(D, rotary_dim, pairs, interleaved)
     emu.log_begin()
     emu.rotary_(qi, ki, *args)
     log = emu.log_end()
