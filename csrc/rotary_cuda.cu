@@ -373,11 +373,20 @@ void launch_with(const RotaryParams& p) {
   if (per_head == 0 || h_total == 0 || L.tokens == 0) return;  // nothing to touch
   L.n_stride = (n + pairs_per_unit - 1) / pairs_per_unit * pairs_per_unit;
 
-  // Aim for >= 4 blocks per multiprocessor when the problem allows it, and up to 4 units per thread.
+  // Out of place with channels that only copy (partial rotary, p-RoPE, HoPE), a thread mostly waits for
+  // loads: keeping its next unit's loads in flight too took Gemma 4 (D=512, p=0.25) from 1.20x to 1.14x and
+  // HoPE from 1.21x to 1.12x a copy on an H100 (the kPipe kernels, when blocks hold whole tokens). When every
+  // unit rotates it measured 5-10% slower.
+  const bool pipelined = kUnit && !p.inplace && (kInter ? 2 * n < D : n < half || 2 * half < D);
+  // Aim for >= 4 blocks per multiprocessor when the problem allows it, and up to 4 units per thread; 6 for
+  // the pipelined kernels (Gemma 4 out of place 1.13x -> 1.08x, HoPE 1.11x -> 1.06x on an H100, 1.42x ->
+  // 1.33x and 1.39x -> 1.28x on an H200; 6 for the others made them 2-4% slower on an H100).
   const int64_t per_token = static_cast<int64_t>(h_total) * per_head;
   const int64_t total = L.tokens * per_token;
   const int sms = multiprocessors();
-  const int64_t target = std::min<int64_t>(4 * kThreads, std::max<int64_t>(32, total / (4 * sms)));
+  const int units_per_thread = pipelined ? 6 : 4;
+  const int64_t target =
+      std::min<int64_t>(units_per_thread * kThreads, std::max<int64_t>(32, total / (4 * sms)));
   const int max_tokens_smem =
       std::max(1, static_cast<int>(32768 / (6 * sizeof(int64_t) + 2 * sizeof(Acc) * std::max(1, L.n_stride))));
   int splits = 1;
@@ -393,10 +402,7 @@ void launch_with(const RotaryParams& p) {
   // Measured on an H100: prefetching pays off when blocks hold whole tokens (about 8% on Llama shapes) and
   // costs about 6% when they hold a slice of one token's heads (decoding, where latency dominates).
   L.prefetch = splits == 1;
-  // Out of place with channels that only copy (partial rotary, p-RoPE, HoPE), a thread mostly waits for
-  // loads: keeping its next unit's loads in flight too took Gemma 4 (D=512, p=0.25) from 1.20x to 1.14x and
-  // HoPE from 1.21x to 1.12x a copy on an H100. When every unit rotates it measured 5-10% slower.
-  L.pipeline = kUnit && L.prefetch && !p.inplace && (kInter ? 2 * n < D : n < half || 2 * half < D);
+  L.pipeline = pipelined && L.prefetch;
   const int64_t units_per_block = static_cast<int64_t>(L.tokens_per_block) * L.heads_per_block * per_head;
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, (units_per_block + 31) / 32 * 32));
   const dim3 grid(static_cast<unsigned>((L.tokens + L.tokens_per_block - 1) / L.tokens_per_block), splits);
