@@ -68,7 +68,13 @@ float time_us(F launch, int iters = 20, int repeats = 7) {
 int main() {
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("%s\n", prop.name);
+  int sms = 0, clock_khz = 0, bus_bits = 0;  // what the posenc kernel plans its launches by (device_plan)
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0));
+  CHECK(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0));
+  const double peak = 2e-6 * clock_khz * bus_bits / 8;  // GB/s, double data rate
+  std::printf("%s: %d multiprocessors, memory %d MHz x %d bits = %.0f GB/s peak (%.1f per multiprocessor)\n",
+              prop.name, sms, clock_khz / 1000, bus_bits, peak, peak / sms);
   // bf16 rows: D=128 (256 B, 16 chunks), Llama q+k of B=4 S=4096 (40 heads); D=512 (1 KiB), Gemma 4 (9 heads)
   struct Shape { const char* name; unsigned row_bytes, rows; std::vector<unsigned> ks; };
   const Shape shapes[] = {{"D=128 bf16, 4x4096x40 rows", 256, 4 * 4096 * 40, {8, 7, 6, 5, 4, 3, 2}},

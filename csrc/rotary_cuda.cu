@@ -198,6 +198,19 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
     }
     s = tok - b * p.seqlen;
   };
+  // A whole unit u of the block: its chunk, token (in the block) and head (q heads, then k heads)
+  const auto locate = [&](int u, int& chunk, int& t, int& head) {
+    chunk = u % uph;
+    const int r = u / uph;
+    t = r / h_count;
+    head = h_begin + (r - t * h_count);
+  };
+  // The input row of a head of the block's token t (its row offsets are in shared memory after phase 1)
+  const auto in_row = [&](int t, int head) -> const T* {
+    const bool is_q = head < hq;
+    return static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) + offs[4 * t + (is_q ? 0 : 1)] +
+           (is_q ? head : head - hq) * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
+  };
 
   // ---- 0. the thread's first unit, when it is a whole unit within rotary_dim (fast path): loaded now, so
   // that the latency of these loads overlaps phase 1 instead of following it
@@ -206,7 +219,8 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   if constexpr (kUnit) {
     const int u = threadIdx.x;
     if (L.prefetch && u < whole && u % uph < L.rot_units) {
-      const int chunk = u % uph, r = u / uph, t = r / h_count, head = h_begin + (r - t * h_count);
+      int chunk, t, head;
+      locate(u, chunk, t, head);
       const bool is_q = head < hq;
       int64_t b, sq;
       split(tok0 + t, b, sq);
@@ -260,10 +274,9 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
     if constexpr (kPipe) {
       const int un = u + blockDim.x;
       if (un < whole && un % uph < L.rot_units) {
-        const int c2 = un % uph, r2 = un / uph, t2 = r2 / h_count, head2 = h_begin + (r2 - t2 * h_count);
-        const bool q2 = head2 < hq;
-        const T* in2 = static_cast<const T*>(q2 ? p.q_in.data : p.k_in.data) + offs[4 * t2 + (q2 ? 0 : 1)] +
-                       (q2 ? head2 : head2 - hq) * (q2 ? p.q_in.stride[2] : p.k_in.stride[2]);
+        int c2, t2, head2;
+        locate(un, c2, t2, head2);
+        const T* in2 = in_row(t2, head2);
         na = load<W, true>(in2, c2 * W, 1);
         if constexpr (!kInter) nb = load<W, true>(in2, c2 * W + half, 1);
         pre = true;
@@ -283,8 +296,7 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
     const int head = h_begin + (r - t * h_count);
     const bool is_q = head < hq;
     const int hd = is_q ? head : head - hq;
-    const T* in = static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) + offs[4 * t + (is_q ? 0 : 1)] +
-                  hd * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
+    const T* in = in_row(t, head);
     T* out = static_cast<T*>(is_q ? p.q_out.data : p.k_out.data) + offs[4 * t + (is_q ? 2 : 3)] +
              hd * (is_q ? p.q_out.stride[2] : p.k_out.stride[2]);
     const int64_t ics = kUnit ? 1 : (is_q ? p.q_in.stride[3] : p.k_in.stride[3]);
@@ -323,17 +335,33 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   }
 }
 
-// Multiprocessors of the current device, read once per device (no synchronisation: capture-safe).
-int multiprocessors() {
-  static int cache[64] = {0};
+// What launches plan for on the current device, read once per device (no synchronisation: capture-safe).
+struct DevicePlan {
+  int multiprocessors = 0;   // 0: not read yet
+  int units_per_thread = 4;  // out of place: the most units a thread takes (the block's size in units / 128)
+};
+
+const DevicePlan& device_plan() {
+  static DevicePlan cache[64];
+  static const DevicePlan unknown{132, 4};
   const int dev = c10::cuda::current_device();
-  if (dev < 0 || dev >= 64) return 132;
-  if (cache[dev] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    cache[dev] = std::max(1, n);
+  if (dev < 0 || dev >= 64) return unknown;
+  DevicePlan& plan = cache[dev];
+  if (plan.multiprocessors == 0) {
+    int sms = 0, clock_khz = 0, bus_bits = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, dev));
+    sms = std::max(1, sms);
+    // A multiprocessor must keep its share of the DRAM bandwidth times the memory latency in flight (Little's
+    // law), so the units a thread takes grow with the bandwidth per multiprocessor: 4 measured best on an
+    // H100 (25.4 GB/s per multiprocessor), 6 on an H200 (37.3 GB/s: Llama forward 1.15x -> 1.07x a copy, 5
+    // gave 1.08x, 8 was worse than 6). Within 4..8, the range measured.
+    const double gb_per_s = 2e-6 * clock_khz * bus_bits / 8 / sms;  // double data rate
+    plan.units_per_thread = std::clamp(static_cast<int>(std::lround(4 * gb_per_s / 25.4)), 4, 8);
+    plan.multiprocessors = sms;  // last: it marks the entry as read
   }
-  return cache[dev];
+  return plan;
 }
 
 bool aligned_rows(const RotaryTensor& x, const RotaryParams& p, int v, int bytes) {
@@ -378,15 +406,17 @@ void launch_with(const RotaryParams& p) {
   // HoPE from 1.21x to 1.12x a copy on an H100 (the kPipe kernels, when blocks hold whole tokens). When every
   // unit rotates it measured 5-10% slower.
   const bool pipelined = kUnit && !p.inplace && (kInter ? 2 * n < D : n < half || 2 * half < D);
-  // Aim for >= 4 blocks per multiprocessor when the problem allows it, and up to 4 units per thread; 6 for
-  // the pipelined kernels (Gemma 4 out of place 1.13x -> 1.08x, HoPE 1.11x -> 1.06x on an H100, 1.42x ->
-  // 1.33x and 1.39x -> 1.28x on an H200; 6 for the others made them 2-4% slower on an H100).
+  // Aim for >= 4 blocks per multiprocessor when the problem allows it (but >= 64 units per block: decoding,
+  // B=64 S=1, measured 1.27x -> 1.23x a copy on an H200 against 32), and up to `units_per_thread` units per
+  // thread. In place always 4 (5 or 6 made HoPE and p-RoPE in place 5-15% slower on an H200); the pipelined
+  // kernels at least 6 (Gemma 4 out of place 1.13x -> 1.08x, HoPE 1.11x -> 1.06x on an H100, 1.42x -> 1.33x
+  // and 1.39x -> 1.28x on an H200; 6 for the others made them 2-4% slower on an H100).
   const int64_t per_token = static_cast<int64_t>(h_total) * per_head;
   const int64_t total = L.tokens * per_token;
-  const int sms = multiprocessors();
-  const int units_per_thread = pipelined ? 6 : 4;
-  const int64_t target =
-      std::min<int64_t>(units_per_thread * kThreads, std::max<int64_t>(32, total / (4 * sms)));
+  const DevicePlan& dev = device_plan();
+  const int units_per_thread = p.inplace ? 4 : pipelined ? std::max(6, dev.units_per_thread) : dev.units_per_thread;
+  const int64_t target = std::min<int64_t>(units_per_thread * kThreads,
+                                           std::max<int64_t>(64, total / (4 * dev.multiprocessors)));
   const int max_tokens_smem =
       std::max(1, static_cast<int>(32768 / (6 * sizeof(int64_t) + 2 * sizeof(Acc) * std::max(1, L.n_stride))));
   int splits = 1;

@@ -6,7 +6,9 @@
 
 Every case (shape x encoding x pass x dtype) times these methods in the same run, on the same data:
   copy        q.clone(); k.clone()                              the floor: every byte read and written once
-  posenc      encoding.apply(q, k, positions) (inplace=True for the "fwd_inplace" pass)
+  posenc      encoding.apply(q, k, positions) (inplace=True for the "fwd_inplace" pass): angles from the
+              float64 frequencies, cos/sin computed in the kernel
+  posenc_tables  the same op given float32 cos/sin tables (a row per position, built once) to read instead
   hf_eager    transformers' apply_rotary_pos_emb (modeling_llama) on bhsd views, with cos/sin precomputed
               as the model dtype from the encoding (frequency-0 pairs get cos=1, sin=0: same function)
   hf_compile  torch.compile of the same function
@@ -38,7 +40,7 @@ import torch
 
 __all__ = ["Shape", "Case", "PRESETS", "METHODS", "PASSES", "run", "format_table", "write_json", "plot"]
 
-METHODS = ("copy", "posenc", "hf_eager", "hf_compile", "liger", "flash_attn")
+METHODS = ("copy", "posenc", "posenc_tables", "hf_eager", "hf_compile", "liger", "flash_attn")
 PASSES = ("fwd", "fwd_inplace", "fwd+bwd", "decode")
 _PASS_ALIASES = {"forward": "fwd", "fwd": "fwd", "inplace": "fwd_inplace", "fwd_inplace": "fwd_inplace",
                  "forward_inplace": "fwd_inplace", "backward": "fwd+bwd", "bwd": "fwd+bwd", "fwd+bwd": "fwd+bwd",
@@ -90,7 +92,7 @@ PRESETS = {
     "decode": {"shapes": _DECODE, "dtypes": BF16},
     # default on CPU: 32 q / 8 kv heads, D=128, S=2048, float32 and bfloat16 (under a minute on 2 cores)
     "cpu": {"shapes": [Case(CPU_LLAMA, "rope", ("fwd",))], "dtypes": ["float32", "bfloat16"],
-            "methods": ["copy", "posenc", "hf_eager", "hf_compile"]},
+            "methods": ["copy", "posenc", "posenc_tables", "hf_eager", "hf_compile"]},
     "tiny": {"shapes": [Case(TINY, "rope", ("fwd",))], "dtypes": ["float32"],
              "methods": ["copy", "posenc", "hf_eager"], "warmup": 1, "iters": 3},
 }
@@ -266,6 +268,17 @@ def _make_fn(method, pass_, enc, x: _Inputs):
     if method == "posenc":
         def fwd():
             return enc.apply(q, k, pos, inplace=inplace)
+    elif method == "posenc_tables":  # the same op reading float32 cos/sin tables by position: no trig
+        from posenc.ops import apply_rotary
+        table_pos = torch.arange(int(pos.max()) + 1, device=q.device)
+        c, s = enc.cos_sin(table_pos, dtype=torch.float32)  # attention scale included
+        half = enc.rotary_dim // 2
+        c, s = ((t[:, ::2] if enc.interleaved else t[:, :half]).contiguous() for t in (c, s))
+        pairs = enc.rotated_pairs if enc.attention_scale == 1.0 else half
+
+        def fwd():
+            return apply_rotary(q, k, c, s, pos, rotary_dim=enc.rotary_dim, rotated_pairs=pairs,
+                                interleaved=enc.interleaved, inplace=inplace)
     elif method in ("hf_eager", "hf_compile"):
         fn = _hf_apply() if method == "hf_eager" else _hf_compiled()
 

@@ -70,12 +70,17 @@ struct CUDAGuard {
   explicit CUDAGuard(c10::Device) {}
 };
 }  // namespace c10::cuda
-enum { cudaDevAttrMultiProcessorCount = 16 };
-// The multiprocessors a launch plans for (default: an H100's 132). Fewer make small inputs take the launch
-// shapes of large ones (whole tokens per block, several units per thread); set by set_multiprocessors.
+enum { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMemoryClockRate = 36, cudaDevAttrGlobalMemoryBusWidth = 37 };
+// The device a launch plans for (default: an H100, 132 multiprocessors, 2619 MHz x 5120-bit memory). Fewer
+// multiprocessors make small inputs take the launch shapes of large ones (whole tokens per block, several
+// units per thread); a faster memory gives out-of-place launches more units per thread. Set by set_device.
 inline int emu_multiprocessors = 132;
-inline int cudaDeviceGetAttribute(int* n, int, int) {
-  *n = emu_multiprocessors;
+inline int emu_memory_clock_khz = 2619000;
+inline int emu_memory_bus_bits = 5120;
+inline int cudaDeviceGetAttribute(int* n, int attribute, int) {
+  *n = attribute == cudaDevAttrMemoryClockRate        ? emu_memory_clock_khz
+       : attribute == cudaDevAttrGlobalMemoryBusWidth ? emu_memory_bus_bits
+                                                      : emu_multiprocessors;
   return 0;
 }
 #define C10_CUDA_CHECK(x) (void)(x)

@@ -8,7 +8,7 @@ the namespace `posenc_emu`. Each substitution is checked, so an edit of the kern
 fails here loudly instead of testing something else.
 
 What this checks: indexing, work split and launch shapes (those of a GPU with a given number of
-multiprocessors: with few, small inputs take the shapes of large ones), in-place
+multiprocessors and memory: with few multiprocessors, small inputs take the shapes of large ones), in-place
 calls touching only the rotating channels, alignment of every vector access, shared memory read only after
 it is written. What it does not: timing, the GPU memory model beyond __syncthreads, CUDA's own sincos (the
 host's float sin/cos run instead, as in the C++ CPU kernel), nvcc's code generation.
@@ -51,8 +51,8 @@ def emulated_source(cuda_src: str) -> str:
              r"emu_launch(\1, \2, \3, \4, p, L);", s, "kernel launches")
     if "<<<" in s:
         raise AssertionError("cuda_emulator: a kernel launch that the launch substitution does not fit")
-    # the multiprocessor count is asked at every launch (set_multiprocessors changes it), not cached
-    s = _sub(re.escape("if (cache[dev] == 0) {"), "if (true) {", s, "the multiprocessor cache", 1)
+    # the device is asked at every launch (set_device changes it), not cached
+    s = _sub(re.escape("if (plan.multiprocessors == 0) {"), "if (true) {", s, "the device-plan cache", 1)
     s = _sub(re.escape("extern __shared__ __align__(16) unsigned char smem[];"),
              "unsigned char* smem = emu_smem;", s, "the shared-memory declaration", 1)
     s = _sub(r"reinterpret_cast<((?:const )?Vec<[^>]*>\*)>", r"emu_cast<\1>", s, "vector accesses")
@@ -64,7 +64,12 @@ TORCH_LIBRARY({NAMESPACE}, m) {{
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, {_SCHEMA_ARGS}) -> ()");
   m.impl("rotary", c10::DispatchKey::CPU, &posenc::rotary_cuda);
   m.impl("rotary_", c10::DispatchKey::CPU, &posenc::rotary_cuda_);
-  m.def("set_multiprocessors(int n) -> ()", [](int64_t n) {{ emu_multiprocessors = static_cast<int>(n); }});
+  m.def("set_device(int multiprocessors, int memory_clock_khz, int memory_bus_bits) -> ()",
+        [](int64_t sms, int64_t clock_khz, int64_t bus_bits) {{
+          emu_multiprocessors = static_cast<int>(sms);
+          emu_memory_clock_khz = static_cast<int>(clock_khz);
+          emu_memory_bus_bits = static_cast<int>(bus_bits);
+        }});
   m.def("log_begin() -> ()", []() {{
     std::lock_guard<std::mutex> guard(emu_mutex);
     emu_log.clear();
@@ -94,7 +99,7 @@ _OPS = None
 
 def load():
     """Builds (once per source version, cached under the temp dir) and loads the emulated op: returns the
-    `torch.ops.posenc_emu` namespace (rotary, rotary_, set_multiprocessors, log_begin, log_end)."""
+    `torch.ops.posenc_emu` namespace (rotary, rotary_, set_device, log_begin, log_end)."""
     global _OPS
     if _OPS is not None:
         return _OPS

@@ -218,6 +218,19 @@ def test_bench_tiny_run(capsys, tmp_path):
     assert_clean_error(code, err, "--shape")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("posenc.bench") is None, reason="posenc.bench not written yet")
+def test_bench_tables_method_matches_posenc():
+    """posenc_tables (the op reading cos/sin tables) agrees with posenc (angles from frequencies) in every
+    pass, for partial encodings too: a wrong table half or a wrong pair count shows as a MISMATCH."""
+    from posenc import bench
+    shape = bench.Shape("t", 2, 5, 3, 1, 32)
+    cases = [bench.Case(shape, enc, ("fwd", "fwd_inplace", "fwd+bwd", "decode")) for enc in ("rope", "prope:0.5", "hope:16")]
+    rows = bench.run("cpu", shapes=cases, dtypes=["float32"], methods=["copy", "posenc", "posenc_tables"],
+                     iters=1, warmup=0, repeats=1)
+    tables = [r for r in rows if r["method"] == "posenc_tables"]
+    assert len(tables) == 12 and all(r["check"] == "ok" for r in tables), [r["check"] for r in tables]
+
+
 # ------------------------------------------------------------------------------------------- python -m posenc
 def _python_m(*argv):
     return subprocess.run([sys.executable, "-m", "posenc", *argv], cwd=ROOT, capture_output=True, text=True,

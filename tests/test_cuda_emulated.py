@@ -61,12 +61,18 @@ def make(batch, seq, heads, D, dtype, view, g):
     return torch.randn(batch, seq, heads, D, generator=g).to(dtype)
 
 
+# (memory clock in kHz, bus width in bits) of the devices whose launch plans are emulated: an H200's faster
+# memory gives out-of-place launches 6 units per thread instead of an H100's 4
+MEMORY = {"h100": (2_619_000, 5120), "h200": (3_201_000, 6144)}
+
+
 def run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved, view="bshd", shared_positions=False,
-             batch=2, seq=3, multiprocessors=132):
-    """multiprocessors: what the launch plans for. 132 (an H100) splits the heads of these few tokens over
-    blocks; 1 or 2 give them the shapes of long inputs on a GPU: whole tokens per block, the first unit
-    loaded ahead and (out of place, with channels that only copy) the pipelined kernels."""
-    emu.set_multiprocessors(multiprocessors)
+             batch=2, seq=3, multiprocessors=132, memory="h100"):
+    """multiprocessors, memory: the device the launch plans for. 132 multiprocessors (an H100) split the heads
+    of these few tokens over blocks; 1 or 2 give them the shapes of long inputs on a GPU: whole tokens per
+    block, the first unit loaded ahead and (out of place, with channels that only copy) the pipelined
+    kernels."""
+    emu.set_device(multiprocessors, *MEMORY[memory])
     g = torch.Generator().manual_seed(random.randrange(2**31))
     q, k = (make(batch, seq, h, D, dtype, view, g) for h in heads)
     if shared_positions:  # one row for the whole batch: batch stride 0
@@ -130,6 +136,7 @@ def test_emulated_kernel_strided_views(emu, dtype, D, view):
 
 # Launches planned for 2 multiprocessors put several tokens in each block and several units on each thread
 # (the first loaded ahead, each next one too in the pipelined kernels), as thousands of tokens do on a GPU.
+@pytest.mark.parametrize("memory", ["h100", "h200"])
 @pytest.mark.parametrize("batch,seq,heads,D,pairs,interleaved,dtype,shared,multiprocessors", [
     (2, 200, (2, 1), 64, 32, False, torch.bfloat16, False, 2),    # full rotation
     (3, 100, (2, 1), 64, 23, True, torch.float32, True, 2),       # interleaved, partial chunk in place
@@ -141,9 +148,9 @@ def test_emulated_kernel_strided_views(emu, dtype, D, view):
     (3, 100, (3, 0), 64, 30, False, torch.bfloat16, True, 2),     # no k heads
 ])
 def test_emulated_kernel_long_and_decode(emu, batch, seq, heads, D, pairs, interleaved, dtype, shared,
-                                         multiprocessors):
+                                         multiprocessors, memory):
     run_case(emu, dtype, D, D, pairs, heads, False, interleaved, shared_positions=shared, batch=batch, seq=seq,
-             multiprocessors=multiprocessors)
+             multiprocessors=multiprocessors, memory=memory)
 
 
 def test_emulated_kernel_table_positions_out_of_range_give_nan(emu):
