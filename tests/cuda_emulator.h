@@ -64,6 +64,8 @@ inline T* emu_at(T* p) {
   return p;
 }
 
+inline uint32_t __umulhi(uint32_t a, uint32_t b) { return static_cast<uint32_t>((uint64_t{a} * b) >> 32); }
+
 namespace c10::cuda {
 inline int current_device() { return 0; }
 struct CUDAGuard {

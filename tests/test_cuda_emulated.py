@@ -63,7 +63,7 @@ def make(batch, seq, heads, D, dtype, view, g):
 
 # (memory clock in kHz, bus width in bits) of the devices whose launch plans are emulated: an H200's faster
 # memory gives out-of-place launches 6 units per thread instead of an H100's 4
-MEMORY = {"h100": (2_619_000, 5120), "h200": (3_201_000, 6144)}
+MEMORY = {"h100": (2_619_000, 5120), "h200": (3_201_000, 6016)}
 
 
 def run_case(emu, dtype, D, rotary_dim, pairs, heads, tables, interleaved, view="bshd", shared_positions=False,
