@@ -430,10 +430,11 @@ void launch_with(const RotaryParams& p) {
   // unit rotates it measured 5-10% slower.
   const bool pipelined = kUnit && !p.inplace && (kInter ? 2 * n < D : n < half || 2 * half < D);
   // Aim for >= 4 blocks per multiprocessor when the problem allows it (but >= 64 units per block: decoding,
-  // B=64 S=1, measured 1.27x -> 1.23x a copy on an H200 against 32), and up to `units_per_thread` units per
-  // thread. In place always 4 (5 or 6 made HoPE and p-RoPE in place 5-15% slower on an H200); the pipelined
-  // kernels at least 6 (Gemma 4 out of place 1.13x -> 1.08x, HoPE 1.11x -> 1.06x on an H100, 1.42x -> 1.33x
-  // and 1.39x -> 1.28x on an H200; 6 for the others made them 2-4% slower on an H100).
+  // B=64 S=1, measured 1.16x -> 1.13x a copy on an H100 and 1.27x -> 1.23x on an H200 against 32), and up
+  // to `units_per_thread` units per thread. In place always 4 (5 or 6 made HoPE and p-RoPE in place 5-15%
+  // slower on an H200); the pipelined kernels at least 6 (Gemma 4 out of place 1.13x -> 1.08x, HoPE 1.11x ->
+  // 1.06x on an H100, 1.42x -> 1.33x and 1.39x -> 1.28x on an H200; 6 for the others made them 2-4% slower
+  // on an H100).
   const int64_t per_token = static_cast<int64_t>(h_total) * per_head;
   const int64_t total = L.tokens * per_token;
   const DevicePlan& dev = device_plan();
