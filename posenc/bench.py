@@ -269,15 +269,14 @@ def _make_fn(method, pass_, enc, x: _Inputs):
         def fwd():
             return enc.apply(q, k, pos, inplace=inplace)
     elif method == "posenc_tables":  # the same op reading float32 cos/sin tables by position: no trig
-        from posenc.ops import apply_rotary
+        from posenc.ops import _table_half, apply_rotary
         table_pos = torch.arange(int(pos.max()) + 1, device=q.device)
-        c, s = enc.cos_sin(table_pos, dtype=torch.float32)  # attention scale included
-        half = enc.rotary_dim // 2
-        c, s = ((t[:, ::2] if enc.interleaved else t[:, :half]).contiguous() for t in (c, s))
-        pairs = enc.rotated_pairs if enc.attention_scale == 1.0 else half
+        # attention scale included; the half-width float32 form the op reads, built once, not per call
+        c, s = (_table_half(name, t, enc.rotary_dim, enc.interleaved)
+                for name, t in zip(("cos", "sin"), enc.cos_sin(table_pos, dtype=torch.float32)))
 
         def fwd():
-            return apply_rotary(q, k, c, s, pos, rotary_dim=enc.rotary_dim, rotated_pairs=pairs,
+            return apply_rotary(q, k, c, s, pos, rotary_dim=enc.rotary_dim, rotated_pairs=enc.op_pairs,
                                 interleaved=enc.interleaved, inplace=inplace)
     elif method in ("hf_eager", "hf_compile"):
         fn = _hf_apply() if method == "hf_eager" else _hf_compiled()

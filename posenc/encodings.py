@@ -131,12 +131,15 @@ class Encoding(nn.Module):
         if isinstance(q, torch.Tensor) and q.device != self.inv_freq64.device:
             self.to(q.device)  # frequencies follow the data
         inv = self.frequencies(positions if isinstance(positions, torch.Tensor) else None)
-        # With an attention scale != 1 the "unrotated" pairs are still scaled (as transformers does), so
-        # the kernel must visit them: frequency 0 gives cos = 1, sin = 0 exactly.
-        pairs = self.rotated_pairs if self.attention_scale == 1.0 else self.rotary_dim // 2
         return apply_rotary(q, k, positions=positions, inv_freq=inv, scale=self.attention_scale,
-                            rotary_dim=self.rotary_dim, rotated_pairs=pairs, interleaved=self.interleaved,
+                            rotary_dim=self.rotary_dim, rotated_pairs=self.op_pairs, interleaved=self.interleaved,
                             layout=layout, inplace=inplace, cu_seqlens=cu_seqlens)
+
+    @property
+    def op_pairs(self) -> int:
+        """The pairs the op must visit (its rotated_pairs): the rotating ones, or all of them with an attention
+        scale != 1, since transformers scales the "unrotated" pairs too (frequency 0: cos = 1, sin = 0)."""
+        return self.rotated_pairs if self.attention_scale == 1.0 else self.rotary_dim // 2
 
     forward = apply
 
