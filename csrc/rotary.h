@@ -44,29 +44,38 @@ struct RotaryParams {
   bool interleaved, inverse, inplace;
 };
 
-// cos/sin of pair i at position pos, including scale and the sign for the inverse map. Acc is the
+// cos/sin of the angle pos * w, w being a pair's frequency (inv_freq mode), including scale and the sign
+// for the inverse map: the angle is formed and reduced mod 2*pi in float64, then an Acc sin/cos. Acc is the
 // arithmetic type: float for float32/16/bf16 storage, double for float64 storage (used by gradcheck).
+template <typename Acc>
+POSENC_HD void angle_cos_sin(const RotaryParams& p, int64_t pos, double w, Acc& c, Acc& s) {
+  const double two_pi = 6.283185307179586476925286766559;
+  double a = static_cast<double>(pos) * w;
+#ifdef __CUDA_ARCH__
+  // The same roundings as on the CPU and in the reference (nvcc would fuse this into an FMA otherwise).
+  a = __dsub_rn(a, __dmul_rn(two_pi, rint(__dmul_rn(a, 1.0 / two_pi))));
+#else
+  a -= two_pi * rint(a * (1.0 / two_pi));  // |a| <= pi: float32 sin/cos are then accurate
+#endif
+#ifdef __CUDACC__
+  sincos(static_cast<Acc>(a), &s, &c);
+#else
+  c = std::cos(static_cast<Acc>(a));
+  s = std::sin(static_cast<Acc>(a));
+#endif
+  c *= p.scale;
+  s *= p.inverse ? -p.scale : p.scale;
+}
+
+// cos/sin of pair i at position pos, from inv_freq or from the tables; scale and sign as above.
 template <typename Acc>
 POSENC_HD void pair_cos_sin(const RotaryParams& p, int64_t pos, int i, Acc& c, Acc& s) {
   if (p.inv_freq != nullptr) {
-    const double two_pi = 6.283185307179586476925286766559;
-    double a = static_cast<double>(pos) * p.inv_freq[i];
-#ifdef __CUDA_ARCH__
-    // The same roundings as on the CPU and in the reference (nvcc would fuse this into an FMA otherwise).
-    a = __dsub_rn(a, __dmul_rn(two_pi, rint(__dmul_rn(a, 1.0 / two_pi))));
-#else
-    a -= two_pi * rint(a * (1.0 / two_pi));  // |a| <= pi: float32 sin/cos are then accurate
-#endif
-#ifdef __CUDACC__
-    sincos(static_cast<Acc>(a), &s, &c);
-#else
-    c = std::cos(static_cast<Acc>(a));
-    s = std::sin(static_cast<Acc>(a));
-#endif
-  } else {
-    c = p.cos[pos * p.table_stride + i];
-    s = p.sin[pos * p.table_stride + i];
+    angle_cos_sin(p, pos, p.inv_freq[i], c, s);
+    return;
   }
+  c = p.cos[pos * p.table_stride + i];
+  s = p.sin[pos * p.table_stride + i];
   c *= p.scale;
   s *= p.inverse ? -p.scale : p.scale;
 }

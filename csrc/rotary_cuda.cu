@@ -1,12 +1,14 @@
 // The rotary op on NVIDIA GPUs: q and k of a few tokens in one block, one launch for both.
 //
-// Work split. A block owns T consecutive tokens (b, s) and a range of heads (q heads first, then k heads).
+// Work split. A block owns T consecutive tokens (b, s) and a range of heads (q heads first, then k heads);
+// tokens are consecutive in (batch, seq) order, or in (seq, batch) order (seq-major) when the batch rows share
+// positions and cos/sin is a large part of the work, so that a block computes cos/sin once per position.
 //  0. Each thread first issues the loads of its first unit, so that their latency overlaps step 1 rather
 //     than following the barrier (blocks are short-lived; on an H100 this took Llama shapes from 1.13x to
 //     1.04x the time of a copy).
 //  1. The block's positions and per-token row offsets of the four tensors (q/k in/out) go to shared memory,
 //     one token per thread (so no 64-bit division is left for the hot loop, and each position is loaded
-//     once); then cos/sin of those tokens (float32; float64 for float64 data), by pair_cos_sin (rotary.h):
+//     once); then cos/sin of those tokens (float32; float64 for float64 data), as rotary.h defines them:
 //     table lookup, or position * inv_freq reduced mod 2*pi in float64 followed by an accurate sincos (this
 //     file is built without --use_fast_math, so no __sincosf).
 //  2. Every thread then takes "units" of (token, head, chunk): with 16-byte vectors (the fast path: unit
@@ -179,27 +181,33 @@ struct LaunchShape {
                         // partial chunk of each head (0: none); these chunks come after all whole units
   int partial_pieces;   // power-of-two pieces of that chunk (the set bits of partial_rem), one unit each
   int n_stride;         // cos/sin row length in shared memory (rotated_pairs rounded up to a unit)
+  int cos_rows;         // cos/sin rows in shared memory: tokens_per_block, or fewer when seq_major
+  bool seq_major;       // tokens in (seq, batch) order (kSeqMajor kernels): positions shared by the batch
+                        // rows, a cos/sin row per position of the block
   bool prefetch;        // load each thread's first unit before the cos/sin phase
   bool pipeline;        // and each next unit before the current one's work (kPipe kernels)
   FastDiv by_units_per_head, by_heads_per_block, by_n_stride, by_partial_pieces;
 };
 
 // V: channels per unit access (16 bytes worth on the fast path, 1 otherwise). kPartial: in place with a
-// partial last chunk per head. kPipe: out of place, each thread's next unit is loaded before the current
-// unit's work. Each is its own instantiation: carrying the pipeline's code in the other kernels, even
-// switched off, measured 3-5% slower on Llama and Gemma shapes.
-template <typename T, int V, bool kInter, bool kPartial, bool kPipe>
+// partial last chunk per head. kPipe: each thread's next unit is loaded before the current unit's work.
+// kSeqMajor: tokens in (seq, batch) order, cos/sin rows per position. Each is its own instantiation: carrying
+// the pipeline's code in the other kernels, even switched off, measured 3-5% slower on Llama and Gemma shapes,
+// and the seq-major order as a runtime switch 1-3% (Llama, decoding) on an H200.
+template <typename T, int V, bool kInter, bool kPartial, bool kPipe, bool kSeqMajor>
 __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, const LaunchShape L) {
   using Acc = at::opmath_type<T>;
   constexpr bool kUnit = V > 1;
-  static_assert(!(kPipe && (kPartial || !kUnit)), "the pipeline is for the out-of-place fast path");
+  static_assert(!(kPipe && (kPartial || !kUnit)), "the pipeline is for whole units on the fast path");
+  static_assert(!(kSeqMajor && (kPipe || kPartial || !kUnit)), "seq-major blocks only for whole units");
   // A half-split unit spans W pairs; an interleaved one W channels (W/2 pairs).
   constexpr int W = kUnit ? V : (kInter ? 2 : 1);
   extern __shared__ __align__(16) unsigned char smem[];
   int64_t* offs = reinterpret_cast<int64_t*>(smem);  // [T][4]: q_in, k_in, q_out, k_out row offsets
   int64_t* pos_s = offs + 4 * L.tokens_per_block;     // [T] positions (room for an even count: alignment)
-  Acc* cos_s = reinterpret_cast<Acc*>(pos_s + (L.tokens_per_block + 1) / 2 * 2);
-  Acc* sin_s = cos_s + L.tokens_per_block * L.n_stride;
+  Acc* cos_s = reinterpret_cast<Acc*>(pos_s + (L.tokens_per_block + 1) / 2 * 2);  // [cos_rows][n_stride]
+  Acc* sin_s = cos_s + L.cos_rows * L.n_stride;
+  int* row_s = reinterpret_cast<int*>(sin_s + L.cos_rows * L.n_stride);  // [T] seq_major: a token's cos/sin row
 
   const int64_t tok0 = static_cast<int64_t>(blockIdx.x) * L.tokens_per_block;
   const int T_here = static_cast<int>(min(static_cast<int64_t>(L.tokens_per_block), L.tokens - tok0));
@@ -214,12 +222,20 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   const int half = p.rotary_dim / 2;
   // (batch, seq) of a token; 32-bit division when the token count allows it (nearly always)
   const auto split = [&](int64_t tok, int64_t& b, int64_t& s) {
+    const int64_t inner = kSeqMajor ? p.batch : p.seqlen;
+    int64_t outer;
     if (L.tokens <= INT32_MAX) {
-      b = static_cast<uint32_t>(tok) / static_cast<uint32_t>(p.seqlen);
+      outer = static_cast<uint32_t>(tok) / static_cast<uint32_t>(inner);
     } else {
-      b = tok / p.seqlen;
+      outer = tok / inner;
     }
-    s = tok - b * p.seqlen;
+    if constexpr (kSeqMajor) {
+      s = outer;
+      b = tok - outer * inner;
+    } else {
+      b = outer;
+      s = tok - outer * inner;
+    }
   };
   // A whole unit u of the block: its chunk, token (in the block) and head (q heads, then k heads)
   const auto locate = [&](int u, int& chunk, int& t, int& head) {
@@ -260,22 +276,47 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
   // ---- 1. per-token positions and row offsets, then cos/sin, once per block. The positions go through
   // shared memory so that each is loaded from global memory once, by one thread, all in parallel (loading
   // it for every cos/sin element put several global-memory latencies in a row before the barrier).
+  // The frequency of the thread's first cos/sin element, loaded now rather than after the positions' barrier
+  // (its latency was then on the way to the first rotation).
+  int w_pair = -1;
+  double w = 0;
+  if (p.inv_freq != nullptr && static_cast<int>(threadIdx.x) < L.n_stride * L.cos_rows) {
+    const int i = threadIdx.x - L.by_n_stride(threadIdx.x) * L.n_stride;
+    if (i < n) {
+      w = p.inv_freq[i];
+      w_pair = i;
+    }
+  }
+  // seq_major: the block's first position, row 0 of its cos/sin
+  const int64_t s_first = kSeqMajor ? tok0 / p.batch : 0;
   for (int t = threadIdx.x; t < T_here; t += blockDim.x) {
     int64_t b, s;
     split(tok0 + t, b, s);
-    pos_s[t] = p.positions[b * p.pos_stride[0] + s * p.pos_stride[1]];
+    if constexpr (!kSeqMajor) {
+      pos_s[t] = p.positions[b * p.pos_stride[0] + s * p.pos_stride[1]];
+    } else {
+      row_s[t] = static_cast<int>(s - s_first);
+      if (t == 0 || b == 0) pos_s[s - s_first] = p.positions[s * p.pos_stride[1]];
+    }
     offs[4 * t + 0] = b * p.q_in.stride[0] + s * p.q_in.stride[1];
     offs[4 * t + 1] = b * p.k_in.stride[0] + s * p.k_in.stride[1];
     offs[4 * t + 2] = b * p.q_out.stride[0] + s * p.q_out.stride[1];
     offs[4 * t + 3] = b * p.k_out.stride[0] + s * p.k_out.stride[1];
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < T_here * L.n_stride; idx += blockDim.x) {
+  const int rows = kSeqMajor ? static_cast<int>((tok0 + T_here - 1) / p.batch - s_first + 1) : T_here;
+  for (int idx = threadIdx.x; idx < rows * L.n_stride; idx += blockDim.x) {
     const int t = L.by_n_stride(idx), i = idx - t * L.n_stride;
     Acc c = 1, s = 0;  // padding: never used for output, initialised all the same
     if (i < n) {
       const int64_t pos = pos_s[t];
-      if (p.inv_freq == nullptr && (pos < 0 || pos >= p.table_rows)) {
+      if (p.inv_freq != nullptr) {
+        if (i != w_pair) {
+          w = p.inv_freq[i];
+          w_pair = i;
+        }
+        angle_cos_sin(p, pos, w, c, s);
+      } else if (pos < 0 || pos >= p.table_rows) {
         c = s = std::numeric_limits<Acc>::quiet_NaN();  // never read outside the table
       } else {
         pair_cos_sin(p, pos, i, c, s);
@@ -324,8 +365,9 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
              hd * (is_q ? p.q_out.stride[2] : p.k_out.stride[2]);
     const int64_t ics = kUnit ? 1 : (is_q ? p.q_in.stride[3] : p.k_in.stride[3]);
     const int64_t ocs = kUnit ? 1 : (is_q ? p.q_out.stride[3] : p.k_out.stride[3]);
-    const Acc* cs = cos_s + t * L.n_stride;
-    const Acc* sn = sin_s + t * L.n_stride;
+    const int row = kSeqMajor ? row_s[t] : t;
+    const Acc* cs = cos_s + row * L.n_stride;
+    const Acc* sn = sin_s + row * L.n_stride;
 
     if constexpr (kUnit && kPartial) {
       if (u >= whole) {  // in place: one piece of the chunk with the last rotated pairs
@@ -427,15 +469,20 @@ void launch_with(const RotaryParams& p) {
   // Out of place with channels that only copy (partial rotary, p-RoPE, HoPE), a thread mostly waits for
   // loads: keeping its next unit's loads in flight too took Gemma 4 (D=512, p=0.25) from 1.20x to 1.14x and
   // HoPE from 1.21x to 1.12x a copy on an H100 (the kPipe kernels, when blocks hold whole tokens). When every
-  // unit rotates it measured 5-10% slower.
-  const bool pipelined = kUnit && !p.inplace && (kInter ? 2 * n < D : n < half || 2 * half < D);
+  // unit rotates it measured 5-10% slower on an H100, 11% on an H200. In place it pays where a head's rotating
+  // chunks are whole and few cos/sin per unit are computed: p-RoPE 0.75 at D=128 1.07x -> 1.01x on an H200;
+  // with a partial chunk (HoPE) it took 1.13x -> 1.36x, and Gemma 4 in place (a cos/sin per unit) 0.295x ->
+  // 0.335x.
+  const int64_t per_token = static_cast<int64_t>(h_total) * per_head;
+  const bool pipelined = kUnit && (!p.inplace ? (kInter ? 2 * n < D : n < half || 2 * half < D)
+                                              : L.partial_rem == 0 && (kInter ? 2 * n < p.rotary_dim : n < half) &&
+                                                    4 * L.n_stride < per_token);
   // Aim for >= 4 blocks per multiprocessor when the problem allows it (but >= 64 units per block: decoding,
   // B=64 S=1, measured 1.16x -> 1.13x a copy on an H100 and 1.27x -> 1.23x on an H200 against 32), and up
   // to `units_per_thread` units per thread. In place always 4 (5 or 6 made HoPE and p-RoPE in place 5-15%
   // slower on an H200); the pipelined kernels at least 6 (Gemma 4 out of place 1.13x -> 1.08x, HoPE 1.11x ->
   // 1.06x on an H100, 1.42x -> 1.33x and 1.39x -> 1.28x on an H200; 6 for the others made them 2-4% slower
   // on an H100).
-  const int64_t per_token = static_cast<int64_t>(h_total) * per_head;
   const int64_t total = L.tokens * per_token;
   const DevicePlan& dev = device_plan();
   const int units_per_thread = p.inplace ? 4 : pipelined ? std::max(6, dev.units_per_thread) : dev.units_per_thread;
@@ -455,8 +502,24 @@ void launch_with(const RotaryParams& p) {
   }
   // Measured on an H100: prefetching pays off when blocks hold whole tokens (about 8% on Llama shapes) and
   // costs about 6% when they hold a slice of one token's heads (decoding, where latency dominates).
+  // (On an H200 too, prefetching in split tokens measured 1.22x -> 1.28x a copy when decoding.)
   L.prefetch = splits == 1;
   L.pipeline = pipelined && L.prefetch;
+  // Positions shared by the batch rows (the default positions, transformers' position_ids) and a cos/sin
+  // element for every few units (>= 1 per 4: Gemma's D=256 with one k head, Gemma 4 in place): blocks take
+  // tokens in (seq, batch) order, so that the batch rows of one position share its cos/sin, and a whole
+  // number of positions when they hold at least one. On an H200: Gemma 1.17x -> 1.09x a copy, Gemma 4 in
+  // place 0.306x -> 0.287x. Where cos/sin are a small share (Llama: 64 per 320 units), the same order
+  // measured 1-2% slower (four streams of rows at once instead of one), so it is not used there.
+  L.seq_major = kUnit && !L.pipeline && L.partial_rem == 0 && p.pos_stride[0] == 0 && p.batch > 1 &&
+                L.tokens_per_block > 1 && 4 * L.n_stride >= per_token;
+  if (L.seq_major && L.tokens_per_block >= p.batch) {
+    const int64_t rounded = (L.tokens_per_block + p.batch / 2) / p.batch * p.batch;
+    L.tokens_per_block = static_cast<int>(std::min<int64_t>({rounded, 64, max_tokens_smem, L.tokens}));
+  }
+  L.cos_rows = L.seq_major ? static_cast<int>(std::min<int64_t>(L.tokens_per_block,
+                                                                (L.tokens_per_block + p.batch - 2) / p.batch + 1))
+                           : L.tokens_per_block;
   L.by_units_per_head = FastDiv(L.units_per_head);
   L.by_heads_per_block = FastDiv(L.heads_per_block);
   L.by_n_stride = FastDiv(L.n_stride);
@@ -464,22 +527,23 @@ void launch_with(const RotaryParams& p) {
   const int64_t units_per_block = static_cast<int64_t>(L.tokens_per_block) * L.heads_per_block * per_head;
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, (units_per_block + 31) / 32 * 32));
   const dim3 grid(static_cast<unsigned>((L.tokens + L.tokens_per_block - 1) / L.tokens_per_block), splits);
-  const size_t smem = L.tokens_per_block * (4 * sizeof(int64_t) + 2 * sizeof(Acc) * L.n_stride) +
-                      (L.tokens_per_block + 1) / 2 * 2 * sizeof(int64_t);
+  const size_t smem = L.tokens_per_block * (4 * sizeof(int64_t) + sizeof(int)) +
+                      (L.tokens_per_block + 1) / 2 * 2 * sizeof(int64_t) + 2 * sizeof(Acc) * L.cos_rows * L.n_stride;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if constexpr (kUnit) {
     if (L.partial_rem != 0) {
-      rotary_kernel<T, V, kInter, true, false><<<grid, threads, smem, stream>>>(p, L);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
+      rotary_kernel<T, V, kInter, true, false, false><<<grid, threads, smem, stream>>>(p, L);
+    } else if (L.pipeline) {
+      rotary_kernel<T, V, kInter, false, true, false><<<grid, threads, smem, stream>>>(p, L);
+    } else if (L.seq_major) {
+      rotary_kernel<T, V, kInter, false, false, true><<<grid, threads, smem, stream>>>(p, L);
+    } else {
+      rotary_kernel<T, V, kInter, false, false, false><<<grid, threads, smem, stream>>>(p, L);
     }
-    if (L.pipeline) {
-      rotary_kernel<T, V, kInter, false, true><<<grid, threads, smem, stream>>>(p, L);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
-  rotary_kernel<T, V, kInter, false, false><<<grid, threads, smem, stream>>>(p, L);
+  rotary_kernel<T, V, kInter, false, false, false><<<grid, threads, smem, stream>>>(p, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
