@@ -388,7 +388,17 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
         store<W, kUnit>(out, ch, ocs, have ? pa : load<W, kUnit>(in, ch, ics));
         if constexpr (!kInter) store<W, kUnit>(out, ch + half, ocs, have ? pb : load<W, kUnit>(in, ch + half, ics));
       } else if constexpr (kInter) {
-        rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, cnt, have, pa);
+        if (cnt == W / 2) {  // every pair rotates (see below)
+          rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, W / 2, have, pa);
+        } else {
+          rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, cnt, have, pa);
+        }
+      } else if (cnt == W) {
+        // Every pair of the unit rotates (all units but one per head at most): with the count a constant, the
+        // per-element choice between rotated and copied values disappears, 16 selects per unit. On an H200
+        // (outputs unchanged): Llama forward 1.041x -> 1.031x a copy, Gemma 1.095x -> 1.087x, Gemma 4 out of
+        // place 1.194x -> 1.145x, p-RoPE 0.75 in place 1.008x -> 0.990x, decode 1.199x -> 1.176x.
+        rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, W, have, pa, pb);
       } else {
         rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, cnt, have, pa, pb);
       }
