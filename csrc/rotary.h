@@ -44,9 +44,16 @@ struct RotaryParams {
   bool interleaved, inverse, inplace;
 };
 
-// cos/sin of the angle pos * w, w being a pair's frequency (inv_freq mode), including scale and the sign
-// for the inverse map: the angle is formed and reduced mod 2*pi in float64, then an Acc sin/cos. Acc is the
-// arithmetic type: float for float32/16/bf16 storage, double for float64 storage (used by gradcheck).
+// The attention scale on cos and sin, and the sign of sin for the inverse map.
+template <typename Acc>
+POSENC_HD void scale_cos_sin(const RotaryParams& p, Acc& c, Acc& s) {
+  c *= p.scale;
+  s *= p.inverse ? -p.scale : p.scale;
+}
+
+// cos/sin of the angle pos * w, w being a pair's frequency (inv_freq mode), scaled as above: the angle is
+// formed and reduced mod 2*pi in float64, then an Acc sin/cos. Acc is the arithmetic type: float for
+// float32/16/bf16 storage, double for float64 storage (used by gradcheck).
 template <typename Acc>
 POSENC_HD void angle_cos_sin(const RotaryParams& p, int64_t pos, double w, Acc& c, Acc& s) {
   const double two_pi = 6.283185307179586476925286766559;
@@ -63,8 +70,7 @@ POSENC_HD void angle_cos_sin(const RotaryParams& p, int64_t pos, double w, Acc& 
   c = std::cos(static_cast<Acc>(a));
   s = std::sin(static_cast<Acc>(a));
 #endif
-  c *= p.scale;
-  s *= p.inverse ? -p.scale : p.scale;
+  scale_cos_sin(p, c, s);
 }
 
 // cos/sin of pair i at position pos, from inv_freq or from the tables; scale and sign as above.
@@ -76,8 +82,7 @@ POSENC_HD void pair_cos_sin(const RotaryParams& p, int64_t pos, int i, Acc& c, A
   }
   c = p.cos[pos * p.table_stride + i];
   s = p.sin[pos * p.table_stride + i];
-  c *= p.scale;
-  s *= p.inverse ? -p.scale : p.scale;
+  scale_cos_sin(p, c, s);
 }
 
 }  // namespace posenc

@@ -146,8 +146,8 @@ def test_emulated_kernel_strided_views(emu, dtype, D, view):
     (64, 1, (32, 8), 128, 64, False, torch.bfloat16, False, 132),  # decode: a token's heads over blocks
     (64, 1, (32, 8), 128, 46, True, torch.float16, False, 132),
     (3, 100, (3, 0), 64, 30, False, torch.bfloat16, True, 2),     # no k heads
-    (2, 40, (32, 8), 128, 46, False, torch.bfloat16, True, 2),    # HoPE, Llama heads: in place pipelined
-    (2, 40, (32, 8), 128, 48, True, torch.float16, False, 2),     # p-RoPE 0.75 interleaved: the same
+    (2, 40, (32, 8), 128, 46, False, torch.bfloat16, True, 2),    # HoPE, Llama heads: partial chunk in place
+    (2, 40, (32, 8), 128, 48, True, torch.float16, False, 2),     # p-RoPE 0.75 interleaved: in place pipelined
 ])
 def test_emulated_kernel_long_and_decode(emu, batch, seq, heads, D, pairs, interleaved, dtype, shared,
                                          multiprocessors, memory):
