@@ -1,4 +1,4 @@
-"""Builds posenc._C: the C++ CPU rotary op always, the CUDA op where nvcc and a CUDA-enabled torch exist.
+"""Builds posenc._C (the package metadata is in pyproject.toml): the C++ CPU rotary op always, the CUDA op where nvcc and a CUDA-enabled torch exist.
 
 POSENC_CUDA=0 skips the CUDA part, POSENC_CUDA=1 requires it. A CPU-only torch cannot link a CUDA
 extension, so "auto" (the default) builds CUDA only when both torch.version.cuda and nvcc are present.
@@ -7,7 +7,7 @@ import glob
 import os
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
@@ -40,14 +40,6 @@ def extension():
 
 
 setup(
-    name="posenc",
-    version="0.1.0",
-    description="Drop-in positional encodings (RoPE, p-RoPE, HoPE, NoPE) over one fused rotary op",
-    packages=find_packages(include=["posenc", "posenc.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "einops", "transformers>=5.17"],
-    extras_require={"test": ["pytest", "hypothesis", "numpy", "matplotlib", "peft", "gguf", "accelerate"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["posenc=posenc.cli:main"]},
 )
