@@ -173,6 +173,42 @@ def test_analyze_per_head_norm_models(preset):
         assert [f["base"] for f in report["frequencies"]] == [10_000.0, 1_000_000.0] * 2
 
 
+def test_analyze_gemma3_one_kv_head():
+    """Gemma 3 1B's attention shape (4 q heads, 1 kv head, head_dim 256, sliding + full layers): k_norm sees a
+    bhsd view whose head axis has size 1, so its strides look bshd; the capture must still record 1 kv head
+    (it recorded seq-length "heads", and the summary divided by 4 // seq = 0)."""
+    cfg = dict(A.PRESETS["tiny-gemma3"], hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
+               head_dim=256, num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention",
+                                                               "full_attention"], query_pre_attn_scalar=256)
+    model, _ = A.models._from_config_dict(cfg, seed=0)
+    ids = A.tokenize(A.DEFAULT_TEXT, None, model.config.vocab_size, max_tokens=12)
+    inputs = {}
+    handles = [layer.self_attn.register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: inputs.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True) for i, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad(), A.capture(model) as recs:
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for r, layer in zip(recs, model.model.layers):  # q/k before the rotary map, by hand (bshd)
+            attn, x = layer.self_attn, inputs[r.index]
+            q = attn.q_norm(attn.q_proj(x).view(1, ids.shape[1], -1, 256))
+            k = attn.k_norm(attn.k_proj(x).view(1, ids.shape[1], -1, 256))
+            torch.testing.assert_close(r.q, q)
+            torch.testing.assert_close(r.k, k)
+    report = A.analyze(model, ids)
+    assert [(e["heads"], e["kv_heads"]) for e in report["layers"]] == [(4, 1)] * 3
+    for e in report["layers"]:
+        assert len(e["value_drain"]) == 1 and len(e["sink_share"]) == 4
+        assert e["q_rotation_mismatch"] < 1e-5 and e["k_rotation_mismatch"] < 1e-5
+    # later layers (>= 2): layer 2 only, its one kv head serves all 4 q heads
+    assert report["summary"]["value_drain"]["median_all"] == pytest.approx(report["layers"][2]["value_drain"][0])
+    assert "1 kv heads" in A.summarize(report)
+
+
 def test_analyze_a_posenc_patched_model():
     import posenc
     if not hasattr(posenc, "patch"):

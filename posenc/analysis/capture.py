@@ -68,6 +68,16 @@ def _head_dim(attn: nn.Module, config) -> int:
     return int(d)
 
 
+def _is_bhsd(x: torch.Tensor, heads: int | None) -> bool:
+    """Whether a per-head norm's 4-D input is [batch, heads, seq, head_dim] (Gemma 3/4 transpose before the
+    norm) rather than [batch, seq, heads, head_dim] (Qwen3). The head count (from the projection's width) says
+    which axis is which; only where it equals the sequence length do the strides decide (the sequence axis of
+    a view of the projection has the larger stride). Strides alone cannot: with one kv head they are equal."""
+    if heads is not None and (x.shape[1] == heads) != (x.shape[2] == heads):
+        return x.shape[1] == heads
+    return x.stride(1) < x.stride(2)
+
+
 def _eager_for(module: nn.Module):
     fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if fn is None:
@@ -106,13 +116,11 @@ def capture(model: nn.Module):
     records = [LayerCapture(index=getattr(attn, "layer_idx", i)) for i, (_, _, attn) in enumerate(layers)]
     handles = []
 
-    def heads_view(rec, attr, head_dim):
+    def heads_view(rec, attr, head_dim, heads):
         def hook(_module, inputs, output):
             out = output[0] if isinstance(output, tuple) else output
             x = inputs[0] if inputs else None
-            # A per-head norm sees a view of the contiguous projection: bshd (Qwen3) or already transposed to
-            # bhsd (Gemma 3/4), told apart by which axis has the larger stride (the sequence axis does).
-            if out.dim() == 4 and isinstance(x, torch.Tensor) and x.dim() == 4 and x.stride(1) < x.stride(2):
+            if out.dim() == 4 and isinstance(x, torch.Tensor) and x.dim() == 4 and _is_bhsd(x, heads):
                 out = out.transpose(1, 2)
             setattr(rec, attr, out.detach().reshape(*out.shape[:2], -1, head_dim).float().cpu())
         return hook
@@ -126,10 +134,13 @@ def capture(model: nn.Module):
     for rec, (_, layer, attn) in zip(records, layers):
         head_dim = _head_dim(attn, config)
         for attr in ("q", "k"):
+            proj = getattr(attn, f"{attr}_proj")
+            out_features = getattr(proj, "out_features", None)
+            heads = out_features // head_dim if out_features else None
             src = getattr(attn, f"{attr}_norm", None)
             if not isinstance(src, nn.Module):
-                src = getattr(attn, f"{attr}_proj")
-            handles.append(src.register_forward_hook(heads_view(rec, attr, head_dim)))
+                src = proj
+            handles.append(src.register_forward_hook(heads_view(rec, attr, head_dim, heads)))
         if layer is not model:
             handles.append(layer.register_forward_hook(residual_hook(rec)))
         attn._posenc_capture = rec

@@ -24,7 +24,7 @@ import torch
 
 from .. import frequencies as F
 from . import metrics as M
-from .capture import capture
+from .capture import UnsupportedModelError, capture
 
 __all__ = ["analyze", "layer_frequencies", "summarize", "write_json", "plot_report"]
 
@@ -96,7 +96,14 @@ def analyze(model, input_ids: torch.Tensor, *, context_length: int | None = None
         model(input_ids=input_ids, use_cache=False)
     missing = [r.index for r in records if r.probs is None or r.q is None]
     if missing:
-        raise RuntimeError(f"layers {missing} did not go through the attention interface; the model is not supported")
+        raise UnsupportedModelError(f"layers {missing} did not go through the attention interface; the model is "
+                                    "not supported")
+    for r in records:  # the pre-rotary hooks infer the layout; attention's own inputs are the check
+        if r.q.shape != r.q_rot.shape or r.k.shape != r.k_rot.shape or r.q.shape[2] % r.k.shape[2]:
+            raise UnsupportedModelError(
+                f"layer {r.index}: the hooks read q {tuple(r.q.shape)} / k {tuple(r.k.shape)} before the rotary "
+                f"map but attention received q {tuple(r.q_rot.shape)} / k {tuple(r.k_rot.shape)} (bshd); this "
+                "model's layout is not supported")
     layers, freq_by_layer = [], []
     for r in records:
         head_dim = r.q.shape[-1]
