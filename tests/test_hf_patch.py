@@ -314,6 +314,45 @@ def test_save_and_reload(family, ids, tmp_path):
     assert reloaded.config.rope_parameters == fresh.config.rope_parameters
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_patching_the_inner_model_saves_with_the_outer(family, ids, tmp_path):
+    """patch(model.model) patches the config the whole model shares, so the outer model's save_pretrained
+    writes the patch (it wrote the original rope while the live model ran patched). A second model built
+    from the same config object stays unpatched, even where one module holds both (a distillation wrapper)."""
+    config = tiny_config(family)
+    config._attn_implementation = "eager"
+    cls = getattr(transformers, TINY[family][1])
+    model, sibling = cls(config).eval(), cls(config).eval()
+    pair = torch.nn.ModuleList([model, sibling])  # noqa: F841 (the container is what matters)
+    ref_sibling = logits(sibling, ids)
+    posenc.patch(model.model, "hope", context_length=16)
+    out = logits(model, ids)
+    assert model.config is model.model.config and posenc.is_patched(model)
+    model.save_pretrained(tmp_path)
+    assert "posenc" in (tmp_path / "config.json").read_text()
+    reloaded = cls.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert posenc.is_patched(reloaded) and torch.equal(logits(reloaded, ids), out)
+    assert not posenc.is_patched(sibling) and torch.equal(logits(sibling, ids), ref_sibling)
+    posenc.unpatch(model.model)  # unpatching the inner model restores the outer model's config too
+    assert not posenc.is_patched(model) and model.config.rope_parameters == sibling.config.rope_parameters
+
+
+def test_patching_inside_a_peft_wrapper_saves(ids, tmp_path):
+    """The base model as people reach it through a PEFT wrapper (lora.model.model): the merged model saves
+    and reloads patched."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    posenc.patch(lora.model.model, "prope", p=0.5)
+    out = logits(lora, ids)
+    assert posenc.is_patched(lora) and posenc.is_patched(model)
+    merged = lora.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    reloaded = type(merged).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert posenc.is_patched(reloaded)
+    assert (logits(reloaded, ids) - out).abs().max().item() <= 1e-5  # merging the adapter rounds
+
+
 def test_reload_in_fresh_process_after_import_posenc(ids, tmp_path):
     """Only `import posenc` (before transformers is imported) is needed to load a patched checkpoint."""
     model = posenc.patch(tiny_model("llama"), "prope", p=0.5)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import threading
 import types
 from dataclasses import dataclass
@@ -372,10 +373,45 @@ def _default_context_length(config, params) -> int:
     raise ValueError("the config has no max_position_embeddings; pass context_length=")
 
 
-def _own_configs(model) -> dict[int, object]:
-    """Give the model private copies of the configs its modules hold, so that patching it cannot change
-    another model built from the same config object. Returns {id(old config): new config}."""
-    holders = [m for m in model.modules() if hasattr(m.__dict__.get("config"), "to_dict")]
+def _enclosing(model: nn.Module) -> tuple[list[nn.Module], set[int]]:
+    """(the outermost modules that contain `model`, or [model]; ids of `model` and every module containing it).
+    Modules do not link to their parents, so the parents are found among the live modules."""
+    parents: dict[int, list] = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), nn.Module):
+            for child in (obj.__dict__.get("_modules") or {}).values():
+                if child is not None:
+                    parents.setdefault(id(child), []).append(obj)
+    roots, chain, todo = [], set(), [model]
+    while todo:
+        module = todo.pop()
+        if id(module) in chain:
+            continue
+        chain.add(id(module))
+        todo.extend(parents.get(id(module), ()))
+        if id(module) not in parents:
+            roots.append(module)
+    return roots or [model], chain
+
+
+def _own_configs(model, changed: list) -> dict[int, object]:
+    """Give the model private copies of the configs its modules hold, so that patching it cannot change another
+    model built from the same config object. "The model" includes every module that contains `model`:
+    patch(model.model) must change the config that model.save_pretrained writes (with a private copy for the
+    inner modules only, it wrote the original rope). Off that line of ancestors, a module that holds one of the
+    `changed` configs (or a config nesting one) belongs to another model and keeps its config.
+    Returns {id(old config): new config}."""
+    roots, chain = _enclosing(model)
+    inside = {id(m) for m in model.modules()}
+    changed_ids = {id(c) for c in changed}
+
+    def another_models(module) -> bool:
+        config = module.config
+        holds = id(config) in changed_ids or any(id(v) in changed_ids for v in vars(config).values())
+        return holds and id(module) not in chain and id(module) not in inside
+
+    holders = {id(m): m for root in roots for m in root.modules() if hasattr(m.__dict__.get("config"), "to_dict")}
+    holders = [m for m in holders.values() if not another_models(m)]
     memo: dict = {}
     copies = {id(m.config): copy.deepcopy(m.config, memo) for m in holders}  # one memo: nesting is kept
     for m in holders:
@@ -419,7 +455,9 @@ def _check_encoding(encoding, kernel, encoding_kwargs) -> str:
 
 def patch(model, encoding: str = "hope", layers=None, kernel: bool = True, **encoding_kwargs):
     """Give a transformers model (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3/Gemma4 text) another
-    positional encoding, in place; returns the model.
+    positional encoding, in place; returns the model. `model` may also be a module inside one (model.model,
+    a PEFT wrapper's base model): the patch goes into the config the whole model shares, so the outer model
+    saves it. Other models, even ones built from the same config object, are not changed.
 
     encoding: "rope" (keep the model's frequencies; with kernel=True only the fused op changes), "hope"
       (context_length=, default the config's original max position embeddings), "prope"/"p-rope" (p=), "nope".
@@ -434,7 +472,7 @@ def patch(model, encoding: str = "hope", layers=None, kernel: bool = True, **enc
     register()
     plans = [(family, config, rotaries, _patched_parameters(config, layers, name, kernel, encoding_kwargs))
              for family, config, rotaries in _targets(model)]
-    private = _own_configs(model)  # every check passed: now change the model
+    private = _own_configs(model, [config for _, config, _, _ in plans])  # every check passed: now change it
     for family, config, rotaries, new in plans:
         config = private[id(config)]
         _install(family)
