@@ -22,11 +22,15 @@ Shapes (bshd): q [batch, seq, q_heads, head_dim], k [batch, seq, kv_heads, head_
 """
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from . import frequencies as F
-from .ops import MAX_HEAD_DIM, apply_rotary
+from .ops import MAX_HEAD_DIM, _positions_from_cu_seqlens, apply_rotary
 
 __all__ = ["Encoding", "RoPE", "PRoPE", "HoPE", "NoPE", "get_encoding", "ENCODINGS"]
 
@@ -34,84 +38,147 @@ __all__ = ["Encoding", "RoPE", "PRoPE", "HoPE", "NoPE", "get_encoding", "ENCODIN
 class Encoding(nn.Module):
     """A rotary map with a per-frequency mask. Subclasses choose the mask in `_mask`.
 
-    head_dim: channels per head (even, <= 512). base: RoPE base (theta). rotary_dim or partial_rotary_factor:
-    how many leading channels take part (the rest pass through). interleaved: pair (x[2i], x[2i+1]) instead
-    of (x[i], x[i + rotary_dim/2]). scaling: a transformers `rope_parameters`-style dict with `rope_type`
-    ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional") and its entries.
+    head_dim: channels per head (even, <= 512). base: RoPE base (theta; default scaling's rope_theta, else
+    1e4). rotary_dim or partial_rotary_factor: how many leading channels take part (the rest pass through).
+    interleaved: pair (x[2i], x[2i+1]) instead of (x[i], x[i + rotary_dim/2]). scaling: a transformers
+    `rope_parameters`-style dict with `rope_type` ("default", "linear", "dynamic", "yarn", "longrope",
+    "llama3", "proportional") and its entries; its rope_theta and partial_rotary_factor count as base and
+    partial_rotary_factor (giving both with different values is an error).
+
+    partial_rotary_factor means what it means in transformers: for every rope type but "proportional",
+    rotary_dim = int(head_dim * factor) channels rotate with frequencies base^(-2i/rotary_dim); for
+    "proportional" (Gemma 4) the rotation spans all of head_dim with frequencies base^(-2i/head_dim), of
+    which the fastest int(factor * head_dim // 2) pairs rotate and the rest get frequency 0 (so rotary_dim =
+    head_dim and rotary_dim= cannot be given).
+
+    The frequencies are tiny constants computed on the CPU in float64 (also under `torch.device("meta")`)
+    and kept there as the master copy; the buffers `inv_freq64` / `inv_freq` are copies of it on the
+    module's device, so `to_empty` and moves to and from the meta device never lose them.
     """
 
     name = "rope"
 
-    def __init__(self, head_dim: int, base: float = 10_000.0, *, rotary_dim: int | None = None,
+    def __init__(self, head_dim: int, base: float | None = None, *, rotary_dim: int | None = None,
                  partial_rotary_factor: float | None = None, interleaved: bool = False,
                  scaling: dict | None = None):
         super().__init__()
-        if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0 or head_dim % 2:
-            raise ValueError(f"head_dim must be a positive even integer, got {head_dim!r}")
-        if head_dim > MAX_HEAD_DIM:
-            raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
-        if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 1:
-            raise ValueError(f"base must be a number > 1, got {base!r}")
+        F.check_int("head_dim", head_dim, at_least=2)
+        if head_dim % 2 or head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"head_dim must be a positive even integer of at most {MAX_HEAD_DIM}, got {head_dim}")
+        if scaling is None:
+            scaling = {}
+        if not isinstance(scaling, Mapping):
+            raise TypeError(f"scaling must be a dict of rope parameters (transformers' rope_parameters), got "
+                            f"{type(scaling).__name__}")
+        scaling = dict(scaling)
+        rope_type = scaling.pop("rope_type", "default")
+        if not isinstance(rope_type, str):
+            raise TypeError(f"scaling['rope_type'] must be a string, got {type(rope_type).__name__}")
+        if rope_type not in F.ROPE_TYPES:
+            raise ValueError(f"scaling['rope_type'] must be one of {F.ROPE_TYPES}, got {rope_type!r}")
+        base = _one_of("base", base, "rope_theta", scaling.pop("rope_theta", None))
+        base = F.check_number("base", 10_000.0 if base is None else base, above=1)
+        partial_rotary_factor = _one_of("partial_rotary_factor", partial_rotary_factor, "partial_rotary_factor",
+                                        scaling.pop("partial_rotary_factor", None))
         if rotary_dim is not None and partial_rotary_factor is not None:
             raise ValueError("give rotary_dim or partial_rotary_factor, not both")
         if partial_rotary_factor is not None:
-            if not 0 < partial_rotary_factor <= 1:
-                raise ValueError(f"partial_rotary_factor must be in (0, 1], got {partial_rotary_factor!r}")
+            partial_rotary_factor = F.check_number("partial_rotary_factor", partial_rotary_factor, above=0,
+                                                   at_most=1)
+        if rope_type == "proportional":
+            if rotary_dim is not None and rotary_dim != head_dim:
+                raise ValueError(f"rope_type 'proportional' always spans head_dim={head_dim} (as in transformers); "
+                                 f"give partial_rotary_factor (the fraction of pairs that rotate), not "
+                                 f"rotary_dim={rotary_dim!r}")
+            rotary_dim = head_dim
+        elif partial_rotary_factor is not None:
             rotary_dim = int(head_dim * partial_rotary_factor)
+            if rotary_dim <= 0 or rotary_dim % 2:
+                raise ValueError(f"partial_rotary_factor={partial_rotary_factor:g} gives rotary_dim = "
+                                 f"int(head_dim * factor) = {rotary_dim}; it must be even and > 0")
         rotary_dim = head_dim if rotary_dim is None else rotary_dim
-        if not isinstance(rotary_dim, int) or rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        if not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool) or rotary_dim <= 0 or rotary_dim % 2 \
+                or rotary_dim > head_dim:
             raise ValueError(f"rotary_dim must be an even integer in (0, head_dim={head_dim}], got {rotary_dim!r}")
-        scaling = dict(scaling or {})
-        if not isinstance(scaling.get("rope_type", "default"), str):
-            raise TypeError("scaling['rope_type'] must be a string")
-        self.rope_type = scaling.pop("rope_type", "default")
-        scaling.pop("rope_theta", None)  # transformers' rope_parameters carry the base too
-        scaling.pop("partial_rotary_factor", None)
-        self.head_dim, self.base, self.rotary_dim, self.interleaved = head_dim, float(base), rotary_dim, interleaved
-        self.scaling = scaling
-        raw, self.attention_scale = self._frequencies(None)
-        inv_freq = self._mask(raw)
-        nonzero = torch.nonzero(inv_freq).flatten()
-        self.rotated_pairs = int(nonzero[-1]) + 1 if nonzero.numel() else 0
-        self.register_buffer("inv_freq64", inv_freq, persistent=False)
-        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+        if not isinstance(interleaved, bool):
+            raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+        self.head_dim, self.base, self.rotary_dim, self.interleaved = head_dim, base, rotary_dim, interleaved
+        self.rope_type, self.scaling = rope_type, scaling
+        # For "proportional": the fraction of pairs that rotate; for the others: rotary_dim / head_dim.
+        self.partial_rotary_factor = (rotary_dim / head_dim if rope_type != "proportional"
+                                      else 1.0 if partial_rotary_factor is None else partial_rotary_factor)
+        self.register_buffer("inv_freq64", torch.empty(0, dtype=torch.float64, device="cpu"), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(0, device="cpu"), persistent=False)
+        self.reset_parameters(device=torch.device("cpu"))
+        if self.rotated_pairs == 0 and self.name != "nope":
+            warnings.warn(f"{self._describe()} rotates no pair: {self._why_no_pair()}; it equals NoPE",
+                          UserWarning, stacklevel=3)
+
+    def reset_parameters(self, device: torch.device | str | None = None):
+        """Rebuild the frequencies from the encoding's options and put the buffers on `device` (default: where
+        they are). Meta-device initialisation (init_empty_weights, FSDP) calls this after `to_empty`."""
+        device = torch.device(device) if device is not None else self.inv_freq64.device
+        with torch.device("cpu"):  # constants: never built on the meta device a model may be created under
+            raw, self.attention_scale = self._frequencies(None)
+            inv = self._mask(raw).to(torch.float64)
+        nonzero = [i for i, w in enumerate(inv.tolist()) if w != 0]
+        self.rotated_pairs = nonzero[-1] + 1 if nonzero else 0
+        self._inv_freq64_master = inv  # a plain attribute: module moves, to_empty and state dicts skip it
+        self._place(device)
+
+    def _place(self, device: torch.device):
+        self.inv_freq64 = self._inv_freq64_master.to(device)
+        self.inv_freq = self._inv_freq64_master.to(device, torch.float32)
 
     def _mask(self, inv_freq: torch.Tensor) -> torch.Tensor:
         """The encoding's idea: frequency 0 for the pairs that must not rotate. RoPE keeps all."""
         return inv_freq
 
+    def _describe(self) -> str:
+        return f"{type(self).__name__}(head_dim={self.head_dim}, rope_type={self.rope_type!r})"
+
+    def _why_no_pair(self) -> str:
+        if self.rope_type == "proportional":
+            return (f"partial_rotary_factor={self.partial_rotary_factor:g} of head_dim={self.head_dim} leaves "
+                    f"int(factor * head_dim // 2) = 0 rotating pairs")
+        return "every frequency of its rope type is 0"
+
     def _frequencies(self, seq_len):
         """Unmasked float64 frequencies over rotary_dim (the rope type's), and the attention scale."""
-        factor = self.rotary_dim / self.head_dim
-        if self.rope_type == "proportional":  # its "partial rotary factor" is p; it always spans head_dim
-            factor = self.scaling.get("p", 1.0)
-        scaling = {k: v for k, v in self.scaling.items() if k != "p"}
-        return F.rope_frequencies(self.head_dim, self.base, self.rope_type, partial_rotary_factor=factor,
-                                  seq_len=seq_len, **scaling)
+        if self.rope_type == "proportional":  # spans head_dim; the factor picks the rotating pairs
+            return F.rope_frequencies(self.head_dim, self.base, "proportional",
+                                      partial_rotary_factor=self.partial_rotary_factor, **self.scaling)
+        # int(head_dim * factor) channels rotate as a full rotation of rotary_dim channels would.
+        return F.rope_frequencies(self.rotary_dim, self.base, self.rope_type, seq_len=seq_len, **self.scaling)
 
     def _apply(self, fn, recurse=True):
-        # Follow device moves but never dtype casts (model.half() must not round the frequencies).
-        device = fn(torch.zeros((), device=self.inv_freq.device)).device
-        self.inv_freq64 = self.inv_freq64.to(device)
-        self.inv_freq = self.inv_freq.to(device)
+        # Follow device moves but never dtype casts (model.half() must not round the frequencies); the
+        # buffers are copies of the CPU master, so leaving the meta device (to_empty, .to) keeps their values.
+        try:
+            device = fn(torch.zeros((), device=self.inv_freq64.device)).device
+        except NotImplementedError:  # fn copies out of the meta device: find where to
+            device = fn(torch.zeros((), device="cpu")).device
+        self._place(device)
         return self
 
     def frequencies(self, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Masked float64 inverse frequencies in use for these positions (dynamic and longrope types
-        depend on the largest position; computed with tensor ops, so traceable)."""
-        if self.rope_type not in ("dynamic", "longrope") or positions is None:
+        """Masked float64 inverse frequencies in use for these positions: the buffer `inv_freq64`, or for
+        the dynamic and longrope types, which depend on the largest position, computed with tensor ops on
+        positions' device (traceable)."""
+        if self.rope_type not in ("dynamic", "longrope") or positions is None or positions.numel() == 0:
             return self.inv_freq64
         seq_len = positions.max().to(torch.float64) + 1
         inv, _ = self._frequencies(seq_len)
         # The kernel visits the first rotated_pairs pairs (fixed at construction); the mask applies to the
         # frequencies actually in use (HoPE's cut to the scaled ones).
-        inv = self._mask(inv.to(self.inv_freq64.device))
+        inv = self._mask(inv.to(positions.device))
         return torch.cat([inv[: self.rotated_pairs], torch.zeros_like(inv[self.rotated_pairs:])])
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32):
         """cos, sin shaped positions.shape + (rotary_dim,), halves duplicated as transformers builds them
         (repeated pairwise when interleaved), scaled by the attention scale; computed in float64."""
-        if not isinstance(positions, torch.Tensor) or positions.is_floating_point():
+        if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or \
+                positions.dtype == torch.bool or positions.is_complex():
             raise TypeError("positions must be an integer tensor")
         inv = self.frequencies(positions).to(positions.device)
         angle = positions.to(torch.float64)[..., None] * inv
@@ -128,12 +195,28 @@ class Encoding(nn.Module):
         for name, t in (("q", q), ("k", k)):
             if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] != self.head_dim:
                 raise ValueError(f"{name} must end in head_dim={self.head_dim} channels, got shape {tuple(t.shape)}")
-        if isinstance(q, torch.Tensor) and q.device != self.inv_freq64.device:
-            self.to(q.device)  # frequencies follow the data
-        inv = self.frequencies(positions if isinstance(positions, torch.Tensor) else None)
+        if not isinstance(q, torch.Tensor):
+            inv = self.inv_freq64  # apply_rotary names the bad argument
+        else:
+            if q.device != self.inv_freq64.device and q.device.type != "meta":
+                self.to(q.device)  # frequencies follow the data (once, so CUDA graphs can capture the call)
+            if positions is None and self.rope_type in ("dynamic", "longrope"):
+                positions = self._default_positions(q, layout, cu_seqlens)
+            inv = self.frequencies(positions if isinstance(positions, torch.Tensor) else None)
+            inv = inv.to(q.device)  # meta data: a meta copy for this call; the buffers keep their values
         return apply_rotary(q, k, positions=positions, inv_freq=inv, scale=self.attention_scale,
                             rotary_dim=self.rotary_dim, rotated_pairs=self.op_pairs, interleaved=self.interleaved,
                             layout=layout, inplace=inplace, cu_seqlens=cu_seqlens)
+
+    @staticmethod
+    def _default_positions(q, layout, cu_seqlens):
+        """The positions the op takes when none are given (0..seq-1, or per packed sequence), explicit so that
+        the types that depend on the sequence length see it; None where q's shape is wrong (the op says so)."""
+        if cu_seqlens is not None:
+            return _positions_from_cu_seqlens(cu_seqlens, q.shape[0], q.device) if q.dim() == 3 else None
+        if q.dim() != 4 or layout not in ("bshd", "bhsd"):
+            return None
+        return torch.arange(q.shape[1 if layout == "bshd" else 2], device=q.device)
 
     @property
     def op_pairs(self) -> int:
@@ -146,7 +229,16 @@ class Encoding(nn.Module):
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base:g}, "
                 f"rope_type={self.rope_type!r}, rotated_pairs={self.rotated_pairs}/{self.rotary_dim // 2}"
+                + (f", partial_rotary_factor={self.partial_rotary_factor:g}" if self.rope_type == "proportional"
+                   else "")
                 + (", interleaved=True" if self.interleaved else ""))
+
+
+def _one_of(name: str, value, key: str, from_scaling):
+    """An option given as an argument and/or as the scaling dict's entry: either, or both if they agree."""
+    if value is not None and from_scaling is not None and value != from_scaling:
+        raise ValueError(f"{name}={value!r} and scaling[{key!r}]={from_scaling!r} disagree; give one of them")
+    return from_scaling if value is None else value
 
 
 class RoPE(Encoding):
@@ -160,7 +252,7 @@ class PRoPE(Encoding):
 
     name = "prope"
 
-    def __init__(self, head_dim: int, base: float = 10_000.0, p: float = 0.75, **kwargs):
+    def __init__(self, head_dim: int, base: float | None = None, p: float = 0.75, **kwargs):
         F.prope_rotated_pairs(2, p)  # validates p before any work
         self.p = p
         super().__init__(head_dim, base, **kwargs)
@@ -168,6 +260,9 @@ class PRoPE(Encoding):
     def _mask(self, inv_freq):
         keep = F.prope_rotated_pairs(self.rotary_dim, self.p)
         return torch.cat([inv_freq[:keep], torch.zeros_like(inv_freq[keep:])])
+
+    def _why_no_pair(self):
+        return f"p={self.p:g} of {self.rotary_dim // 2} pairs leaves int(p * rotary_dim // 2) = 0"
 
     def extra_repr(self):
         return super().extra_repr() + f", p={self.p}"
@@ -178,14 +273,23 @@ class HoPE(Encoding):
 
     name = "hope"
 
-    def __init__(self, head_dim: int, base: float = 10_000.0, context_length: int = 4096, **kwargs):
-        if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length <= 0:
-            raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
+    def __init__(self, head_dim: int, base: float | None = None, context_length: int = 4096, **kwargs):
+        F.check_int("context_length", context_length, why=" (the training context length in tokens)")
         self.context_length = context_length
         super().__init__(head_dim, base, **kwargs)
 
     def _mask(self, inv_freq):
         return torch.where(F.hope_keeps(inv_freq, self.context_length), inv_freq, torch.zeros_like(inv_freq))
+
+    def _describe(self):
+        return f"HoPE(context_length={self.context_length})"
+
+    def _why_no_pair(self):
+        # A context shorter than the fastest wavelength (2*pi tokens unscaled) completes no period.
+        fastest = float(self._frequencies(None)[0].max())
+        shortest = 2 * math.pi / fastest if fastest > 0 else math.inf
+        return (f"no pair's wavelength is at most context_length={self.context_length} (the shortest is "
+                f"{shortest:.4g} tokens)")
 
     def extra_repr(self):
         return super().extra_repr() + f", context_length={self.context_length}"
@@ -196,7 +300,7 @@ class NoPE(Encoding):
 
     name = "nope"
 
-    def __init__(self, head_dim: int, base: float = 10_000.0, **kwargs):
+    def __init__(self, head_dim: int, base: float | None = None, **kwargs):
         super().__init__(head_dim, base, **kwargs)
 
     def _mask(self, inv_freq):
