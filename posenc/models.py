@@ -64,6 +64,14 @@ class TinyDecoder(nn.Module):
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def _apply(self, fn, recurse=True):
+        # to_empty (meta-device initialisation) gives every parameter a new tensor, which would untie them.
+        tied = self.lm_head.weight is self.embed.weight
+        super()._apply(fn, recurse)
+        if tied:
+            self.lm_head.weight = self.embed.weight
+        return self
+
     @property
     def attentions(self) -> list[Attention]:
         return [block.attn for block in self.layers]

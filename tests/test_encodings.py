@@ -192,3 +192,162 @@ def test_module_casts_keep_frequencies_exact():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), enc).to(torch.bfloat16)
     assert enc.inv_freq64.dtype == torch.float64 and enc.inv_freq.dtype == torch.float32
     assert model[0].weight.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------ sequence-length dependent types
+SEQ_TYPES = {
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 16},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0] * 32, "long_factor": [3.0] * 32,
+                 "original_max_position_embeddings": 16, "max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("rope_type", list(SEQ_TYPES))
+def test_sequence_length_types_on_zero_tokens(rope_type):
+    """Regression: dynamic/longrope took positions.max() of an empty tensor; the other encodings handle 0 tokens."""
+    enc = posenc.RoPE(64, scaling=SEQ_TYPES[rope_type])
+    q, k = torch.randn(2, 0, 4, 64), torch.randn(2, 0, 2, 64)
+    for positions in (torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long), None):
+        q2, k2 = enc.apply(q, k, positions)
+        assert q2.shape == q.shape and k2.shape == k.shape
+    cos, sin = enc.cos_sin(torch.zeros(0, dtype=torch.long))
+    assert cos.shape == sin.shape == (0, 64)
+    packed = enc.apply(q[0], k[0], cu_seqlens=torch.tensor([0, 0]))
+    assert packed[0].shape == (0, 4, 64)
+
+
+@pytest.mark.parametrize("rope_type", list(SEQ_TYPES))
+def test_sequence_length_types_without_positions_see_the_sequence_length(rope_type):
+    """Regression: without positions the frequencies of the configured length were used, whatever the length."""
+    from posenc.frequencies import rope_frequencies
+
+    scaling = dict(SEQ_TYPES[rope_type])
+    enc = posenc.RoPE(64, scaling=scaling)
+    scaling.pop("rope_type")
+    q, k = torch.randn(1, 40, 2, 64), torch.randn(1, 40, 1, 64)
+    inv, scale = rope_frequencies(64, 10_000.0, rope_type, seq_len=40, **scaling)  # 40 > 16: scaled / long factors
+    assert not torch.allclose(inv, enc.inv_freq64)
+    positions = torch.arange(40)
+    q2, _ = enc.apply(q, k)
+    assert_close_to_64(q2, rotate64(q, positions, inv, scale=scale), q, torch.float32, factor=2 * scale)
+    # Packed: each sequence restarts at 0, so the longest one (40 tokens) sets the length.
+    qp, _ = enc.apply(torch.cat([q[0], q[0, :5]]), torch.cat([k[0], k[0, :5]]), cu_seqlens=torch.tensor([0, 40, 45]))
+    torch.testing.assert_close(qp[:40], q2[0], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------- meta device
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_built_under_meta_device_has_real_frequencies(kind):
+    """Regression: torch.nonzero on meta raised, so no encoding (nor Attention, nor TinyDecoder) could be
+    built under torch.device("meta")."""
+    with torch.device("meta"):
+        enc = make(kind, 64)
+    cpu = make(kind, 64)
+    assert enc.inv_freq64.device.type == "cpu" and torch.equal(enc.inv_freq64, cpu.inv_freq64)
+    assert enc.rotated_pairs == cpu.rotated_pairs and torch.equal(enc.inv_freq, cpu.inv_freq)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 8}])
+def test_apply_on_meta_does_not_poison_later_calls(scaling):
+    """Regression: one apply on meta tensors moved the buffers to meta for good, and later CPU calls failed."""
+    enc = posenc.HoPE(64, context_length=512, scaling=scaling)
+    q, k = torch.randn(2, 12, 4, 64), torch.randn(2, 12, 2, 64)
+    want = enc.apply(q, k)
+    meta_q, meta_k = enc.apply(q.to("meta"), k.to("meta"), torch.arange(12, device="meta"))
+    assert meta_q.device.type == "meta" and meta_q.shape == q.shape
+    cos, _ = enc.cos_sin(torch.arange(12, device="meta"))
+    assert cos.device.type == "meta" and cos.shape == (12, 64)
+    assert enc.inv_freq64.device.type == "cpu"
+    got = enc.apply(q, k)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_moved_to_meta_and_back_keeps_frequencies():
+    enc = posenc.PRoPE(64, p=0.5)
+    want = enc.inv_freq64.clone()
+    enc.to("meta")
+    assert enc.inv_freq64.device.type == "meta"
+    enc.to("cpu")  # a plain module cannot leave meta with .to(); the encoding's values live in its CPU master
+    assert torch.equal(enc.inv_freq64, want)
+    enc.to_empty(device="meta")
+    enc.to_empty(device="cpu")
+    assert torch.equal(enc.inv_freq64, want) and enc.inv_freq.dtype == torch.float32
+    enc.inv_freq64.zero_()  # damage the buffers: reset_parameters rebuilds them from the options
+    enc.reset_parameters()
+    assert torch.equal(enc.inv_freq64, want)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_tiny_decoder_built_under_meta_then_materialised_equals_cpu_twin(kind):
+    """Meta-device initialisation end to end: build under torch.device("meta"), to_empty on the CPU, load the
+    state dict of a CPU-built twin: the same logits and generations (tied embeddings stay tied)."""
+    kw = dict(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, encoding=kind,
+              **KINDS[kind])
+    twin = posenc.TinyDecoder(**kw).eval()
+    with torch.device("meta"):
+        model = posenc.TinyDecoder(**kw).eval()
+    assert model.embed.weight.device.type == "meta"
+    ids = torch.randint(0, 64, (2, 9))
+    assert model(ids.to("meta")).shape == (2, 9, 64)  # a shape-only pass on meta works
+    model.to_empty(device="cpu")
+    assert model.lm_head.weight is model.embed.weight
+    model.load_state_dict(twin.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(ids), twin(ids))
+    assert torch.equal(model.generate(ids, 4), twin.generate(ids, 4))
+    for a, b in zip(model.attentions, twin.attentions):
+        assert torch.equal(a.encoding.inv_freq64, b.encoding.inv_freq64)
+
+
+def test_attention_built_under_meta():
+    with torch.device("meta"):
+        layer = posenc.Attention(64, 4, num_kv_heads=2, encoding="hope", context_length=256)
+    twin = posenc.Attention(64, 4, num_kv_heads=2, encoding="hope", context_length=256)
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(twin.state_dict())
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        assert torch.equal(layer(x), twin(x))
+
+
+# -------------------------------------------------------------------------------- degenerate and bad input
+def test_hope_shorter_than_the_fastest_wavelength_warns_it_is_nope():
+    with pytest.warns(UserWarning, match="context_length=6.*equals NoPE"):
+        enc = posenc.HoPE(64, context_length=6)  # the fastest pair's wavelength is 2*pi > 6 tokens
+    assert enc.rotated_pairs == 0
+    with pytest.warns(UserWarning, match="p=0.01.*equals NoPE"):
+        posenc.PRoPE(64, p=0.01)
+    with pytest.warns(UserWarning, match="partial_rotary_factor=0.1.*equals NoPE"):
+        posenc.RoPE(8, scaling={"rope_type": "proportional", "partial_rotary_factor": 0.1})
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert posenc.HoPE(64, context_length=7).rotated_pairs == 1  # 2*pi <= 7: one pair rotates
+        posenc.NoPE(64)
+
+
+@pytest.mark.parametrize("build,error,match", [
+    (lambda: posenc.RoPE(True), TypeError, "head_dim"),
+    (lambda: posenc.RoPE(64.0), TypeError, "head_dim"),
+    (lambda: posenc.RoPE(64, float("nan")), ValueError, "base"),
+    (lambda: posenc.RoPE(64, float("inf")), ValueError, "base"),
+    (lambda: posenc.RoPE(64, "1e4"), TypeError, "base"),
+    (lambda: posenc.RoPE(64, True), TypeError, "base"),
+    (lambda: posenc.RoPE(64, partial_rotary_factor=float("nan")), ValueError, "partial_rotary_factor"),
+    (lambda: posenc.RoPE(64, partial_rotary_factor=0.0), ValueError, "partial_rotary_factor"),
+    (lambda: posenc.RoPE(64, partial_rotary_factor=True), TypeError, "partial_rotary_factor"),
+    (lambda: posenc.RoPE(64, partial_rotary_factor=0.3), ValueError, "partial_rotary_factor"),  # 19 channels
+    (lambda: posenc.RoPE(64, rotary_dim=True), ValueError, "rotary_dim"),
+    (lambda: posenc.RoPE(64, interleaved="yes"), TypeError, "interleaved"),
+    (lambda: posenc.RoPE(64, scaling="linear"), TypeError, "scaling"),
+    (lambda: posenc.RoPE(64, scaling={"rope_type": 3}), TypeError, "rope_type"),
+    (lambda: posenc.PRoPE(64, p=float("nan")), ValueError, "p must"),
+    (lambda: posenc.PRoPE(64, p="0.5"), TypeError, "p must"),
+    (lambda: posenc.PRoPE(64, p=True), TypeError, "p must"),
+    (lambda: posenc.HoPE(64, context_length=4096.0), TypeError, "context_length"),
+    (lambda: posenc.HoPE(64, context_length=True), TypeError, "context_length"),
+    (lambda: posenc.RoPE(64).cos_sin(torch.ones(3, dtype=torch.bool)), TypeError, "positions"),
+])
+def test_bad_types_and_values_are_rejected(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
