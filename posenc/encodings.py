@@ -62,7 +62,7 @@ class Encoding(nn.Module):
                  partial_rotary_factor: float | None = None, interleaved: bool = False,
                  scaling: dict | None = None):
         super().__init__()
-        F.check_int("head_dim", head_dim, at_least=2)
+        head_dim = F.check_int("head_dim", head_dim, at_least=2)
         if head_dim % 2 or head_dim > MAX_HEAD_DIM:
             raise ValueError(f"head_dim must be a positive even integer of at most {MAX_HEAD_DIM}, got {head_dim}")
         if scaling is None:
