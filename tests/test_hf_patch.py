@@ -213,7 +213,8 @@ def test_layer_type_gemma3(ids):
     sliding_before = rotary_of(model).sliding_attention_inv_freq.clone()
     posenc.patch(model, "hope", layers="full_attention", context_length=32)
     rp = model.config.rope_parameters
-    assert rp["full_attention"]["rope_type"] == "posenc" and rp["sliding_attention"]["rope_type"] == "default"
+    assert rp["full_attention"]["rope_type"] == posenc.hf.POSENC_ROPE_TYPE
+    assert rp["sliding_attention"]["rope_type"] == "default"
     assert torch.equal(rotary_of(model).sliding_attention_inv_freq, sliding_before)
     assert (logits(model, ids) - logits(expected, ids)).abs().max().item() <= 1e-5
 
@@ -290,7 +291,7 @@ def test_other_models_unchanged(ids):
     c = tiny_model("llama")
     ref_b, ref_c = logits(b, ids), logits(c, ids)
     posenc.patch(a, "nope")
-    assert a.config.rope_parameters["rope_type"] == "posenc"
+    assert a.config.rope_parameters["rope_type"] == posenc.hf.POSENC_ROPE_TYPE
     assert b.config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["rope_type"] == "llama3"
     assert torch.equal(logits(b, ids), ref_b) and torch.equal(logits(c, ids), ref_c)
 
@@ -342,7 +343,8 @@ def test_patching_inside_a_peft_wrapper_saves(ids, tmp_path):
     and reloads patched."""
     peft = pytest.importorskip("peft")
     model = tiny_model("llama")
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # a non-zero adapter
+    lora = peft.get_peft_model(model, config)
     posenc.patch(lora.model.model, "prope", p=0.5)
     out = logits(lora, ids)
     assert posenc.is_patched(lora) and posenc.is_patched(model)
@@ -372,6 +374,40 @@ def test_reload_in_fresh_process_after_import_posenc(ids, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_checkpoint_of_the_earlier_rope_type_name_loads(ids, tmp_path):
+    """Checkpoints saved while the rope type was named "posenc" load as patched."""
+    model = posenc.patch(tiny_model("llama"), "hope", context_length=16)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"]["rope_type"] = "posenc"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert posenc.is_patched(reloaded) and torch.equal(logits(reloaded, ids), logits(model, ids))
+    posenc.unpatch(reloaded)
+    assert reloaded.config.rope_parameters == tiny_config("llama").rope_parameters
+
+
+def test_loading_without_import_posenc_says_what_to_do(tmp_path):
+    """A shared patched checkpoint loaded without posenc: transformers' error names the rope type, which says
+    what to do (it said KeyError: 'posenc' from deep inside the modeling code)."""
+    posenc.patch(tiny_model("gemma3_text"), "hope", layers="full_attention", context_length=16).save_pretrained(
+        tmp_path / "m")
+    script = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "assert 'posenc' not in sys.modules\n"
+        "try:\n"
+        f"    AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+        "else:\n"
+        "    print('loaded')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pip install posenc and `import posenc` before from_pretrained" in result.stdout, result.stdout
 
 
 # --------------------------------------------------------------------------------- cache and generate
@@ -456,7 +492,7 @@ def test_gemma3_multimodal_wrapper_patches_its_language_model(ids, tmp_path, ker
     model = transformers.Gemma3ForConditionalGeneration(config).eval()
     ref = logits(model, ids)
     posenc.patch(model, "hope", context_length=32)
-    assert model.config.text_config.rope_parameters["full_attention"]["rope_type"] == "posenc"
+    assert model.config.text_config.rope_parameters["full_attention"]["rope_type"] == posenc.hf.POSENC_ROPE_TYPE
     out = logits(model, ids)
     assert kernel_calls and (out - ref).abs().max() > 1e-4
     model.save_pretrained(tmp_path)

@@ -3,10 +3,14 @@
 How it works (and why it survives save/load):
 
 - The patch lives in the config. Each patched rope group (the whole model, or one layer type of Gemma 3/4)
-  gets `rope_parameters = {..the model's own entries.., "rope_type": "posenc", "posenc": {"encoding": "hope",
+  gets `rope_parameters = {..the model's own entries.., "rope_type": POSENC_ROPE_TYPE, "posenc": {"encoding": "hope",
   "kwargs": {"context_length": 2048}, "kernel": true, "layers": null, "base_rope_type": "llama3"}}`.
   The model's own entries stay, so the original is `base_rope_type` plus everything but the "posenc" key.
-- `import posenc` registers the "posenc" rope type in transformers' `ROPE_INIT_FUNCTIONS`. Its init
+- The rope type's name says what a checkpoint needs: "posenc (pip install posenc and `import posenc` before
+  from_pretrained)". transformers cannot know posenc's type without it, and the only thing its error (a
+  KeyError from the rotary module, after a warning about the missing validation) shows of the config is the
+  rope type; tools that read config.json show it too. Checkpoints saved with the earlier name "posenc" load.
+- `import posenc` registers the rope type in transformers' `ROPE_INIT_FUNCTIONS`. Its init
   function computes the model's own (possibly scaled) frequencies with transformers' function for
   `base_rope_type` and applies the encoding's mask (`Encoding._mask`: frequency 0 for pairs that don't
   rotate). transformers calls it whenever it builds or re-initialises rotary buffers (init, from_pretrained),
@@ -39,7 +43,8 @@ from .families import FAMILIES, SUPPORTED, Family, family_of
 
 __all__ = ["patch", "unpatch", "is_patched", "register", "posenc_rope_init", "POSENC_ROPE_TYPE"]
 
-POSENC_ROPE_TYPE = "posenc"
+POSENC_ROPE_TYPE = "posenc (pip install posenc and `import posenc` before from_pretrained)"
+_ROPE_TYPES = (POSENC_ROPE_TYPE, "posenc")  # the name, and the one checkpoints saved before it carry
 # What each encoding takes from patch(); head_dim, base and the rope scaling come from the model's config.
 _ENCODING_ARGS = {"rope": (), "nope": (), "prope": ("p",), "hope": ("context_length",)}
 # Rope types whose frequencies change with the sequence length inside forward; not supported as a base.
@@ -60,7 +65,7 @@ def _params(rope_parameters, key):
 
 def _original_params(params: dict) -> dict:
     """The model's own rope parameters of one group (the patched dict minus the posenc entry)."""
-    if params is None or params.get("rope_type") != POSENC_ROPE_TYPE:
+    if params is None or params.get("rope_type") not in _ROPE_TYPES:
         return params
     original = {k: v for k, v in params.items() if k != "posenc"}
     original["rope_type"] = params["posenc"]["base_rope_type"]
@@ -126,7 +131,7 @@ def _masked(entry: dict, inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 def posenc_rope_init(config, device=None, seq_len=None, layer_type=None, **kwargs):
-    """transformers rope init function for rope_type "posenc" (registered in ROPE_INIT_FUNCTIONS):
+    """transformers rope init function for posenc's rope type (registered in ROPE_INIT_FUNCTIONS):
     the model's own frequencies, masked by the encoding unless the patch is per layer (then masked in the
     attention of the chosen layers). Returns (inv_freq float32 [pairs], attention_scaling)."""
     params = _params(config.rope_parameters, layer_type)
@@ -139,7 +144,7 @@ def posenc_rope_init(config, device=None, seq_len=None, layer_type=None, **kwarg
 
 
 def _validate_posenc_rope_parameters(self, rope_parameters, ignore_keys=None):
-    """transformers config validation for rope_type "posenc": the entry, then the base type's own rules."""
+    """transformers config validation for posenc's rope type: the entry, then the base type's own rules."""
     entry = rope_parameters.get("posenc")
     if (not isinstance(entry, dict) or entry.get("encoding") not in _ENCODING_ARGS
             or not isinstance(entry.get("base_rope_type"), str) or not isinstance(entry.get("kernel"), bool)):
@@ -152,11 +157,13 @@ def _validate_posenc_rope_parameters(self, rope_parameters, ignore_keys=None):
 
 
 def register(rope_utils=None) -> None:
-    """Register rope type "posenc" with transformers (`import posenc` does this when transformers loads)."""
+    """Register posenc's rope type with transformers (`import posenc` does this when transformers loads)."""
     if rope_utils is None:
         import transformers.modeling_rope_utils as rope_utils
-    rope_utils.ROPE_INIT_FUNCTIONS[POSENC_ROPE_TYPE] = posenc_rope_init
-    rope_utils.RotaryEmbeddingConfigMixin._validate_posenc_rope_parameters = _validate_posenc_rope_parameters
+    for name in _ROPE_TYPES:  # transformers looks the validation up as `_validate_{rope_type}_rope_parameters`
+        rope_utils.ROPE_INIT_FUNCTIONS[name] = posenc_rope_init
+        setattr(rope_utils.RotaryEmbeddingConfigMixin, f"_validate_{name}_rope_parameters",
+                _validate_posenc_rope_parameters)
 
 
 # ---------------------------------------------------------------------------------------- kernel dispatch
@@ -187,7 +194,7 @@ def _layer_spec(attn) -> _Spec | None:
             return None
         key = types[idx]
         params = rp.get(key)
-    if not params or params.get("rope_type") != POSENC_ROPE_TYPE:
+    if not params or params.get("rope_type") not in _ROPE_TYPES:
         return None
     entry = params["posenc"]
     cached = attn.__dict__.get("_posenc_spec")
@@ -464,7 +471,7 @@ def patch(model, encoding: str = "hope", layers=None, kernel: bool = True, **enc
       The encoding masks the model's own frequencies, scaled ones included (llama3, yarn, linear, ...).
     layers: None (all layers), a layer type ("full_attention", "sliding_attention") or layer indices.
     kernel: rotate q and k with posenc's fused op (same cos/sin tables as transformers) in patched layers.
-    The patch is stored in `config.rope_parameters` (rope_type "posenc"), so save_pretrained and then
+    The patch is stored in `config.rope_parameters` (rope_type POSENC_ROPE_TYPE), so save_pretrained and then
     from_pretrained (after `import posenc`) give the patched model back. Patching again replaces the patch;
     `unpatch` restores the original config and numbers.
     """
@@ -534,7 +541,7 @@ def unpatch(model):
 
 def _is_patched_config(config) -> bool:
     rp = config.rope_parameters or {}
-    return any((_params(rp, key) or {}).get("rope_type") == POSENC_ROPE_TYPE for key in _group_keys(config, rp))
+    return any((_params(rp, key) or {}).get("rope_type") in _ROPE_TYPES for key in _group_keys(config, rp))
 
 
 def is_patched(model) -> bool:
