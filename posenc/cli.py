@@ -3,6 +3,7 @@
     posenc freqs --head-dim 128 --base 10000 --context 4096 [--rope-type llama3 --rope-param factor=8 ...]
     posenc analyze tiny-llama | MODEL_DIR [--gguf-file F.gguf] | file.gguf | config.json | smollm2
     posenc bench [--device cuda --preset llama --dtype bf16 --encoding rope --json out.json --plot out.png]
+    posenc eval MODEL [--encoding original,hope,nope --lengths 512,1024 --passkey --json out.json --plot DIR]
 
 Every command exits 0 on success and 2, with a one-line message on stderr (no traceback), on bad arguments,
 a missing model, or an unsupported model.
@@ -289,13 +290,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from . import evaluation as E
+    bar = None if args.quiet else E.ProgressBar()
+    try:
+        result = E.run_eval(
+            args.model, encodings=args.encoding, lengths=args.lengths, text_path=args.text_file,
+            max_documents=args.max_documents, max_windows=args.max_windows, buckets=args.buckets,
+            passkey_on=args.passkey, passkey_trials=args.passkey_trials, passkey_depths=args.passkey_depths,
+            gguf_file=args.gguf_file, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+            seed=args.seed, json_path=args.json, plot_dir=args.plot, progress=bar)
+    except E.EvalError as e:
+        raise CommandError(str(e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+    print(E.format_table(result))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posenc", description="Positional encodings: benchmarks, rotary "
                                      "frequency tables, and a look inside models.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"posenc {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,freqs,analyze}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,freqs,analyze,eval}")
     sub.required = True
 
     b = sub.add_parser("bench", help="rotary microbenchmarks (posenc vs transformers eager, torch.compile, ...)",
@@ -355,6 +376,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the full report as JSON (stdout without PATH, then no text summary)")
     a.add_argument("--plot", metavar="DIR", help="write heatmap PNGs into DIR")
     a.set_defaults(func=cmd_analyze)
+
+    e = sub.add_parser("eval", help="long-context perplexity and passkey retrieval under several encodings",
+                       description="Loads a model once and, for each encoding in turn (patched, measured, "
+                       "unpatched), measures perplexity on non-overlapping windows of each length (never spanning "
+                       "two documents; loss by position inside the window too) and, with --passkey, passkey "
+                       "retrieval accuracy by length and depth. Prints a table; --json and --plot write the rest.")
+    e.add_argument("model", help="as for analyze (a transformers directory, .gguf, JSON config, tiny-llama, "
+                   "smollm2), or a directory `posenc finetune` wrote (a patched model, or a LoRA adapter)")
+    e.add_argument("--gguf-file", help="GGUF file name inside the model directory")
+    e.add_argument("--encoding", default="original", metavar="SPEC[,SPEC...]",
+                   help="encodings side by side: original (as loaded), rope (kernel only), hope[:L], prope[:p], "
+                   "nope, each optionally @LAYERS (a layer type or indices 0-3, 0+5); default original")
+    e.add_argument("--lengths", default="256,512,1024,2048", metavar="L[,L...]",
+                   help="context lengths in tokens (default 256,512,1024,2048)")
+    e.add_argument("--text-file", metavar="PATH", help="a text file or a directory of text files (default: the "
+                   "Python standard library's sources; long books give more telling numbers)")
+    e.add_argument("--max-documents", type=positive_int, help="read at most N documents of the text")
+    e.add_argument("--max-windows", type=positive_int, default=8, help="windows per length (default 8)")
+    e.add_argument("--buckets", type=positive_int, default=8, help="position buckets per window (default 8)")
+    e.add_argument("--passkey", action="store_true", help="also passkey retrieval (needs the model's tokenizer "
+                   "to mean anything; random models score about 0)")
+    e.add_argument("--passkey-trials", type=positive_int, default=5, help="prompts per length and depth (5)")
+    e.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1", metavar="D[,D...]",
+                   help="where the key sits in the filler, 0 = start, 1 = end (default 0,0.25,0.5,0.75,1)")
+    e.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    e.add_argument("--batch-size", type=positive_int, help="windows (or prompts) per forward pass "
+                   "(default: about 64k tokens on cuda, 8k on cpu)")
+    e.add_argument("--seed", type=nonneg_int, default=0, help="document order, passkeys, random weights (0)")
+    e.add_argument("--json", metavar="PATH", help="write every figure and the settings as JSON")
+    e.add_argument("--plot", metavar="DIR", help="write PNGs into DIR: perplexity vs length, loss by position, "
+                   "a passkey heatmap per encoding")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 
