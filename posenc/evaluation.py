@@ -371,13 +371,13 @@ def current_patch(model) -> dict | None:
     """posenc.patch keyword arguments that reproduce the model's current patch (e.g. of a checkpoint saved
     patched), or None if it is not patched. Every patched state is one patch() call (patching again
     replaces), so one set of arguments always suffices."""
-    from .hf import POSENC_ROPE_TYPE
     config = _text_config(model)
     rp = getattr(config, "rope_parameters", None) or {}
     types = getattr(config, "layer_types", None) or []
     groups = {None: rp} if "rope_type" in rp else {k: v for k, v in rp.items() if k in set(types)}
+    # A patched group: rope_type "posenc ..." (the name has changed once; both start so) and a "posenc" entry.
     entries = [(k, p["posenc"]) for k, p in groups.items() if isinstance(p, dict)
-               and p.get("rope_type") == POSENC_ROPE_TYPE]
+               and str(p.get("rope_type", "")).startswith("posenc") and isinstance(p.get("posenc"), dict)]
     if not entries:
         return None
     n = config.num_hidden_layers
