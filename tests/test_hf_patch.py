@@ -437,6 +437,18 @@ def test_unsupported_model_lists_families():
         posenc.patch("meta-llama/Llama-3.2-1B", "hope")
 
 
+def test_unsupported_model_is_not_patched_and_unpatch_leaves_it():
+    """As documented: is_patched is False and unpatch returns the model unchanged (both raised ValueError)."""
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    config_before, state = gpt2.config.to_dict(), copy.deepcopy(gpt2.state_dict())
+    assert posenc.is_patched(gpt2) is False
+    assert posenc.unpatch(gpt2) is gpt2
+    assert gpt2.config.to_dict() == config_before
+    assert all(torch.equal(v, state[k]) for k, v in gpt2.state_dict().items())
+    with pytest.raises(TypeError, match="model must be"):
+        posenc.is_patched("meta-llama/Llama-3.2-1B")
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(encoding="alibi"), ValueError, "unknown encoding"),
     (dict(encoding=3), TypeError, "encoding"),

@@ -309,8 +309,9 @@ def _rebind_captured_forwards(model, family: Family) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the public API
-def _targets(model) -> list[tuple[Family, object, list]]:
-    """[(family, text config, its rotary modules)] found in the model (a PreTrainedModel, PeftModel, ...)."""
+def _targets(model, strict: bool = True) -> list[tuple[Family, object, list]]:
+    """[(family, text config, its rotary modules)] found in the model (a PreTrainedModel, PeftModel, ...);
+    none found: a ValueError listing the supported families if strict, else []."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a transformers model (torch.nn.Module), got {type(model).__name__}")
     by_class = {(f.module, f.rotary): f for f in FAMILIES.values()}
@@ -321,7 +322,7 @@ def _targets(model) -> list[tuple[Family, object, list]]:
         if family is None or config is None:
             continue
         found.setdefault(id(config), (family, config, []))[2].append(module)
-    if not found:
+    if not found and strict:
         config = getattr(model, "config", None)
         raise ValueError(f"posenc.patch supports these model families: {SUPPORTED}; got {type(model).__name__} "
                          f"(model_type {getattr(config, 'model_type', None)!r})")
@@ -530,8 +531,8 @@ def _patched_parameters(config, layers, name, kernel, encoding_kwargs) -> dict:
 
 def unpatch(model):
     """Undo `patch`: restore the original rope parameters and rotary buffers (bit-identical numbers).
-    A model that is not patched is returned unchanged."""
-    for _, config, rotaries in _targets(model):
+    A model that is not patched (or of a family patch does not support) is returned unchanged."""
+    for _, config, rotaries in _targets(model, strict=False):
         if _is_patched_config(config):
             config.rope_parameters = _original_rope_parameters(config)
             for rotary in rotaries:
@@ -545,5 +546,5 @@ def _is_patched_config(config) -> bool:
 
 
 def is_patched(model) -> bool:
-    """Whether any rope group of the model carries a posenc patch."""
-    return any(_is_patched_config(config) for _, config, _ in _targets(model))
+    """Whether any rope group of the model carries a posenc patch (False for a model patch does not support)."""
+    return any(_is_patched_config(config) for _, config, _ in _targets(model, strict=False))
