@@ -113,6 +113,10 @@ class TinyDecoder(nn.Module):
                  ) -> torch.Tensor:
         """Greedy decoding with a KV cache; returns [batch, seq + max_new_tokens]. Left-pad batched prompts
         and pass their attention_mask."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         cache = self.new_cache()
         logits = self(input_ids, attention_mask=attention_mask, cache=cache)
         out = [input_ids]

@@ -67,6 +67,14 @@ def test_bad_input(what, error, message, fn):
         fn()
 
 
+@pytest.mark.parametrize("value,error", [(-1, ValueError), (2.5, TypeError), (True, TypeError), ("4", TypeError)])
+def test_generate_max_new_tokens(value, error):
+    model = posenc.TinyDecoder(vocab_size=32, hidden_size=32, num_layers=1, num_heads=2)
+    with pytest.raises(error, match="max_new_tokens"):
+        model.generate(torch.randint(0, 32, (1, 4)), max_new_tokens=value)
+    assert model.generate(torch.randint(0, 32, (1, 4)), max_new_tokens=0).shape == (1, 4)
+
+
 def test_inplace_on_leaf_that_requires_grad():
     leaf = torch.randn(2, 5, 4, 64, requires_grad=True)
     with pytest.raises(ValueError, match="inplace=True cannot write into q"):
