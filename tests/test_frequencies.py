@@ -23,7 +23,8 @@ CASES = {
 def test_every_transformers_type_is_covered():
     import posenc  # noqa: F401  (registers its own "posenc" rope type, which wraps the others)
 
-    assert set(ROPE_TYPES) - {"default"} == set(ROPE_INIT_FUNCTIONS) - {"posenc"}
+    theirs = {t for t in ROPE_INIT_FUNCTIONS if not t.startswith("posenc")}  # posenc's type, whatever its name
+    assert set(ROPE_TYPES) - {"default"} == theirs
 
 
 @pytest.mark.parametrize("rope_type", ROPE_TYPES)
@@ -67,3 +68,43 @@ def test_masks():
     inv, _ = rope_frequencies(128, 10_000.0)
     assert int(hope_keeps(inv, 4096).sum()) == 46
     assert prope_rotated_pairs(512, 0.25) == 64 and prope_rotated_pairs(128, 1.0) == 64
+
+
+@pytest.mark.parametrize("rope_type", ROPE_TYPES)
+def test_computed_on_the_cpu_under_the_meta_device(rope_type):
+    """Regression for meta-device model construction: the constants must not become meta tensors."""
+    params = dict(CASES[rope_type])
+    factor = params.pop("partial_rotary_factor", 1.0)
+    if rope_type in ("dynamic", "yarn", "longrope"):
+        params["max_position_embeddings"] = MAX_POS
+    want, want_scale = rope_frequencies(HEAD_DIM, BASE, rope_type, partial_rotary_factor=factor, **params)
+    with torch.device("meta"):
+        got, scale = rope_frequencies(HEAD_DIM, BASE, rope_type, partial_rotary_factor=factor, **params)
+    assert got.device.type == "cpu" and torch.equal(got, want) and scale == want_scale
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(head_dim=True), TypeError, "head_dim"),
+    (dict(head_dim=0), ValueError, "head_dim"),
+    (dict(base=float("nan")), ValueError, "base"),
+    (dict(base=1.0), ValueError, "base"),
+    (dict(base="1e4"), TypeError, "base"),
+    (dict(partial_rotary_factor=1.5), ValueError, "partial_rotary_factor"),
+    (dict(partial_rotary_factor=0.01), ValueError, "rotary_dim"),  # int(128 * 0.01) = 1 channel
+    (dict(seq_len=-1), ValueError, "seq_len"),
+    (dict(seq_len=2.5), TypeError, "seq_len"),
+])
+def test_bad_arguments_name_themselves(kwargs, error, match):
+    args = {"head_dim": 128, "base": 1e4, **kwargs}
+    with pytest.raises(error, match=match):
+        rope_frequencies(args.pop("head_dim"), args.pop("base"), **args)
+
+
+def test_mask_arguments_are_checked():
+    inv, _ = rope_frequencies(64)
+    for bad, error in ((4096.0, TypeError), (True, TypeError), (0, ValueError)):
+        with pytest.raises(error, match="context_length"):
+            hope_keeps(inv, bad)
+    for bad, error in ((float("nan"), ValueError), ("0.5", TypeError), (0, ValueError), (1.01, ValueError)):
+        with pytest.raises(error, match="p must"):
+            prope_rotated_pairs(64, bad)
