@@ -162,6 +162,10 @@ def cmd_analyze(args) -> int:
             raise CommandError(f"cannot read text file {args.text_file}: {e.strerror or e}") from None
     else:
         text = args.text or A.DEFAULT_TEXT
+    try:
+        quant = A.quant.cli_plan(args.quant, args.granularity, args.keep_pairs, args.encoding)  # None: no --quant
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -176,6 +180,12 @@ def cmd_analyze(args) -> int:
         print(f"running {ids.shape[1]} tokens through {name} ...", file=sys.stderr)
         report = A.analyze(model, ids, context_length=args.context, sink_threshold=args.sink_threshold,
                            early_layers=args.early_layers, tokens=tokens)
+        if quant:
+            report["quant"] = A.compare_encodings(
+                model, ids, *quant, report=report, analyze_kwargs=dict(
+                    context_length=args.context, sink_threshold=args.sink_threshold,
+                    early_layers=args.early_layers, tokens=tokens),
+                progress=lambda done, total, label: print(f"quant [{done}/{total}] {label}", file=sys.stderr))
     except (A.ModelLoadError, A.UnsupportedModelError, ValueError) as e:
         raise CommandError(str(e)) from None
     report["model"]["name"] = name
@@ -183,9 +193,11 @@ def cmd_analyze(args) -> int:
         _emit_json(report, args.json)
     if args.json != "-":
         print(A.summarize(report, name))
+        if quant:
+            print(A.summarize_quant(report["quant"]))
     if args.plot:
         try:
-            paths = A.plot_report(report, args.plot)
+            paths = A.plot_report(report, args.plot) + (A.plot_quant(report["quant"], args.plot) if quant else [])
         except OSError as e:
             raise CommandError(f"cannot write plots to {args.plot}: {e.strerror or e}") from None
         print(f"wrote {len(paths)} plots to {args.plot}: {', '.join(p.rsplit('/', 1)[-1] for p in paths)}",
@@ -375,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="the full report as JSON (stdout without PATH, then no text summary)")
     a.add_argument("--plot", metavar="DIR", help="write heatmap PNGs into DIR")
+    a.add_argument("--quant", metavar="FORMATS", help="also simulate quantizing attention's q, k (after the rotary "
+                   "map) and v: int8, int4, fp8_e4m3, fp8_e5m2 (comma-separated), error per rotary pair")
+    a.add_argument("--granularity", metavar="G[,G]", help="with --quant: absmax scales per tensor, head, channel or "
+                   "token (default tensor)")
+    a.add_argument("--keep-pairs", type=nonneg_int, help="with --quant: the mitigation keeping each head's N "
+                   "largest q/k pairs in full precision (default 2; 0: off)")
+    a.add_argument("--encoding", metavar="SPEC[,SPEC]", help="with --quant: also after patching, side by side, "
+                   "e.g. original,hope,prope:0.25 (default original)")
     a.set_defaults(func=cmd_analyze)
 
     e = sub.add_parser("eval", help="long-context perplexity and passkey retrieval under several encodings",
