@@ -500,7 +500,11 @@ class _Run:
         self.n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         self.n_trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # the newer name (the older one warns)
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.to(procs.device)
         if args.compile:
             self._compile(model)

@@ -96,3 +96,130 @@ def test_step_rows_walk_seeded_permutations():
     assert torch.equal(training.step_rows(3, g, n, seed=3), seen[12:16])  # from the step alone
     assert not torch.equal(seen[:10], seen[10:])
     assert not torch.equal(training.step_rows(0, g, n, seed=4), seen[:4])
+
+
+# ------------------------------------------------------------------------------------------- a run
+def held_out_loss(model, run_dir, text_dir):
+    """The held-out loss recomputed from the saved model, with the split finetune records (independent of
+    the training loop's own evaluation)."""
+    from posenc import data
+    corpus = data.load_corpus(text_dir)
+    _, held_idx = data.split_documents(list(range(len(corpus.documents))), held_out=0.1, seed=0)
+    docs = [data.encode_text(corpus.documents[i], None, model.config.vocab_size) for i in held_idx]
+    rows = data.pack(docs, 64)
+    rows = {k: v[:4] for k, v in rows.items()}
+    with torch.no_grad():
+        logits = model(input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False).logits
+    labels = rows["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100).item()
+
+
+def test_run_saves_a_model_that_reloads_patched(text_dir, tmp_path):
+    out = tmp_path / "run"
+    record = finetune(args_for(text_dir, out, steps=8))
+    log = losses(out / "log.jsonl")
+    assert len(log) == 8 and log[-1] < log[0]
+    assert record["final"]["eval_loss"] < record["final"]["eval_loss_before"]
+    assert sorted(os.listdir(out)) == ["config.json", "finetune.json", "generation_config.json", "log.jsonl",
+                                       "model.safetensors", "run.json"]
+    saved = json.loads((out / "finetune.json").read_text())
+    assert saved["encoding"] == "hope:32" and saved["data"]["documents"] == 24 and saved["data"]["sha256"]
+    assert saved["args"]["steps"] == 8 and saved["world_size"] == 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert posenc.is_patched(model)
+    assert model.config.rope_parameters["posenc"]["kwargs"] == {"context_length": 32}
+    assert math.isclose(held_out_loss(model, out, text_dir), saved["final"]["eval_loss"], rel_tol=1e-5)
+    # The log's per-step lines carry what a user plots.
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[1])
+    assert set(first) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s"} and first["step"] == 1
+
+
+def test_resume_continues_the_same_run_exactly(text_dir, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    finetune(args_for(text_dir, straight, steps=6, save_every=3))
+    part = finetune(args_for(text_dir, split, steps=6, save_every=3), stop_after=3)
+    assert part["stopped_at"] == 3 and os.listdir(split / "checkpoints") == ["step-00000003"]
+    assert not (split / "model.safetensors").exists()
+    finetune(args_for(text_dir, split, steps=6, save_every=3, resume=True))
+    assert losses(split / "log.jsonl") == losses(straight / "log.jsonl")
+    a, b = weights(straight), weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (split / "checkpoints").exists()  # a finished run keeps no checkpoint
+
+
+def test_gradient_checkpointing_and_accumulation_change_nothing(text_dir, tmp_path):
+    ref = finetune(args_for(text_dir, tmp_path / "ref", steps=3))
+    other = finetune(args_for(text_dir, tmp_path / "gc", steps=3, batch_size=2, grad_accum=2,
+                              gradient_checkpointing=True))
+    assert other["global_batch"] == ref["global_batch"] == 4
+    for x, y in zip(losses(tmp_path / "ref" / "log.jsonl"), losses(tmp_path / "gc" / "log.jsonl")):
+        assert math.isclose(x, y, rel_tol=1e-5)
+
+
+def test_lora_saves_merged_model_and_adapter(text_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    record = finetune(args_for(text_dir, out, steps=4, lora=4, lr=1e-2))
+    assert record["model"]["trainable_parameters"] < record["model"]["parameters"] / 5
+    assert record["model"]["adapter"] == "adapter" and (out / "adapter" / "adapter_config.json").exists()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert posenc.is_patched(merged)
+    base, _, _ = load_model("tiny-llama")  # the same seeded base, patched as the run did
+    posenc.patch(base, "hope", context_length=32)
+    ids = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        untrained = base(input_ids=ids).logits
+        adapted = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        assert (merged(input_ids=ids).logits - untrained).abs().max() > 1e-2
+    assert math.isclose(held_out_loss(merged, out, text_dir), record["final"]["eval_loss"], rel_tol=1e-4)
+
+
+def test_compiled_layers_hold_the_rotary_op(text_dir, tmp_path):
+    """With compile, each decoder layer is one graph (no break) with posenc's op inside, and the run's
+    losses are the eager run's."""
+    model, _, _ = load_model("tiny-llama", attn_implementation="sdpa")
+    posenc.patch(model, "hope", context_length=32)
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=False)  # as training._compile does
+    x, pos = torch.randn(2, 16, 64), torch.arange(16).repeat(2, 1)
+    explained = torch._dynamo.explain(model.model.layers[0])(
+        x, attention_mask=None, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    assert "posenc.rotary" in str(explained.graphs[0].graph)
+    eager = finetune(args_for(text_dir, tmp_path / "eager", steps=2))
+    compiled = finetune(args_for(text_dir, tmp_path / "compiled", steps=2, compile="aot_eager"))
+    assert compiled["args"]["compile"] == "aot_eager"
+    for x, y in zip(losses(tmp_path / "eager" / "log.jsonl"), losses(tmp_path / "compiled" / "log.jsonl")):
+        assert math.isclose(x, y, rel_tol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- 2 processes
+def test_two_gloo_processes_equal_one(text_dir, tmp_path):
+    """DDP (1 row x 2 accumulation steps per process) and FSDP2 (2 rows per process) on two gloo processes
+    give one process's losses (4 rows per step) and save its weights."""
+    one = args_for(text_dir, tmp_path / "one", steps=3)
+    finetune(one)
+    runs = {"ddp": dict(vars(one), output=str(tmp_path / "ddp"), batch_size=1, grad_accum=2),
+            "fsdp": dict(vars(one), output=str(tmp_path / "fsdp"), batch_size=2, fsdp=True)}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           os.path.join(HERE, "finetune_worker.py"), json.dumps(list(runs.values()))],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, ref_w = losses(tmp_path / "one" / "log.jsonl"), weights(tmp_path / "one")
+    for name in runs:
+        record = json.loads((tmp_path / name / "finetune.json").read_text())
+        assert record["world_size"] == 2 and record["parallel"] == {"ddp": "ddp", "fsdp": "fsdp2"}[name]
+        got = losses(tmp_path / name / "log.jsonl")
+        worst = max(abs(x - y) / abs(y) for x, y in zip(got, ref))
+        print(f"{name}: losses {got} vs one process {ref}: max relative difference {worst:.2e}")
+        assert len(got) == len(ref) and worst <= 1e-5
+        w = weights(tmp_path / name)
+        assert w.keys() == ref_w.keys()
+        # Adam divides by the gradient's running rms, so where a gradient is ~0 a rounding difference of the
+        # reduction order moves an element by up to ~lr per step: allow 1% of one step (lr 3e-3) absolute.
+        diff = max((w[k] - ref_w[k]).abs().max().item() for k in ref_w)
+        print(f"{name}: max weight difference {diff:.2e}")
+        for k in ref_w:
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=3e-5)
