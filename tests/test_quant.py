@@ -231,10 +231,14 @@ def test_planted_outlier_pair_dominates_the_logit_error_and_mitigations_remove_i
     assert res["schemes"][0]["layers"][0]["k_err_head"] == pytest.approx(expect.tolist(), rel=1e-3)
     # the loss is the quantized forward's
     with torch.no_grad(), Q.quantized_attention(model, schemes[0], rotary_dim=res["rotary_dim"]):
-        loss = float(model(input_ids=ids, labels=ids).loss)
-    assert base["loss"] == pytest.approx(loss, rel=1e-6)
+        out = model(input_ids=ids, labels=ids)
+    assert base["loss"] == pytest.approx(float(out.loss), rel=1e-6)
     with torch.no_grad():
-        assert res["loss"] == pytest.approx(float(model(input_ids=ids, labels=ids).loss), rel=1e-5)
+        clean = model(input_ids=ids, labels=ids)
+    assert res["loss"] == pytest.approx(float(clean.loss), rel=1e-5)
+    p, r = clean.logits.double().softmax(-1), out.logits.double().softmax(-1)
+    kl = float((p * (p.log() - r.log())).sum(-1).mean())
+    assert base["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-9) and base["kl"] > 0
 
 
 def test_compare_encodings_leaves_the_model_as_it_came(tmp_path):

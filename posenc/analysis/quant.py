@@ -11,13 +11,15 @@ module measures that on a real model:
   head and token). Formats: int8 (qmax 127), int4 (7), and fp8 through torch's float8 dtypes (fp8_e4m3:
   float8_e4m3fn, qmax 448; fp8_e5m2: float8_e5m2, qmax 57344), rounding to nearest, saturating at qmax.
 - Injected into the forward through a transformers attention function (`quantized_attention`, a context
-  manager), so the change in loss is the model's own; on exit the model is exactly as before.
+  manager), so the change in loss and the KL divergence of the next-token distributions (unquantized ||
+  quantized, mean over positions; far less noisy than the change in loss on a short text, whose errors of both
+  signs cancel) are the model's own; on exit the model is exactly as before.
 - Per layer, head and rotary pair: relative error of q and k, sqrt(sum|x^ - x|^2 / sum|x|^2) over the tokens;
   per head: relative error of v and of the attention output (before o_proj; also with v left unquantized, to see
-  what the q/k errors alone do), and the rms error of the attention
-  logits `scaling * q.k` (before soft-capping, over the (query, key) positions the mask lets attend). The logit is
-  a sum over pairs, so its error splits into per-pair terms d_p = scaling * (q^_p.k^_p - q_p.k_p); "logit error
-  share" of a set of pairs = sum of E d_p^2 over them / sum over all pairs (cross terms between pairs left out).
+  what the q/k errors alone do), and the rms error of the attention logits `scaling * q.k` (before soft-capping,
+  over the (query, key) positions the mask lets attend). The logit is a sum over pairs, so its error splits into
+  per-pair terms d_p = scaling * (q^_p.k^_p - q_p.k_p); "logit error share" of a set of pairs = sum of E d_p^2
+  over them / sum over all pairs (cross terms between pairs left out).
 - Flags per pair, from `analyze` on the same text: the incomplete band (wavelength longer than the context,
   so no full period within it; HoPE stops rotating these), offset features (offset ratio >= the threshold and more
   than a uniform share of the energy, on q or on k before the rotary map, as `analyze` counts them) and the
@@ -28,7 +30,7 @@ module measures that on a real model:
   a scale computed without them: a dense-and-sparse split, as in LLM.int8() and KVQuant). "removes" = 1 - mitigated
   error / baseline error.
 
-    from posenc.analysis import QuantScheme, quantized_attention, quant_analysis
+    from posenc.analysis.quant import QuantScheme, default_schemes, quant_analysis, quantized_attention
     with quantized_attention(model, QuantScheme("int8", "channel")):
         loss = model(input_ids=ids, labels=ids).loss
     result = quant_analysis(model, ids, default_schemes(["int8", "fp8_e4m3"], ["tensor"]))
@@ -36,10 +38,9 @@ module measures that on a real model:
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -356,9 +357,11 @@ def _round(x, digits=5):
     return float(f"{x:.{digits}g}") if math.isfinite(x) else x
 
 
-def _loss(model, input_ids) -> float:
+def _forward(model, input_ids) -> tuple[float, torch.Tensor]:
+    """(next-token loss, log-probabilities [batch, seq, vocab] in float64: KL of small errors needs it)."""
     with torch.no_grad():
-        return float(model(input_ids=input_ids, labels=input_ids, use_cache=False).loss)
+        out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+        return float(out.loss), out.logits.double().log_softmax(-1)
 
 
 def _check_keep_pairs(schemes, pairs: int) -> None:
@@ -387,7 +390,7 @@ def quant_analysis(model, input_ids: torch.Tensor, schemes, *, report: dict | No
     total = len(schemes) + 1
     observer = _Observer(model, schemes, rotary_dim, interleaved)
     with quantized_attention(model, None, observe=observer, rotary_dim=rotary_dim, interleaved=interleaved):
-        clean_loss = _loss(model, input_ids)
+        clean_loss, clean_logp = _forward(model, input_ids)
     if progress:
         progress(1, total, "unquantized forward, errors of every scheme")
     flags = _flags(report)
@@ -395,7 +398,10 @@ def quant_analysis(model, input_ids: torch.Tensor, schemes, *, report: dict | No
     results = []
     for i, scheme in enumerate(schemes):
         with quantized_attention(model, scheme, rotary_dim=rotary_dim, interleaved=interleaved):
-            loss = _loss(model, input_ids)
+            loss, logp = _forward(model, input_ids)
+        # KL(unquantized || quantized) of the next-token distributions, mean over positions: unlike the change
+        # in loss it does not average errors of both signs away
+        kl = float((clean_logp.exp() * (clean_logp - logp)).sum(-1).mean())
         if progress:
             progress(i + 2, total, scheme.label)
         layers, shares = [], {"incomplete": [0.0, 0.0], "offset": [0.0, 0.0], "outlier": [0.0, 0.0]}
@@ -431,7 +437,7 @@ def quant_analysis(model, input_ids: torch.Tensor, schemes, *, report: dict | No
         results.append({
             "label": scheme.label, "format": scheme.format, "granularity": scheme.granularity,
             "key_granularity": scheme.key_granularity or scheme.granularity, "keep_pairs": scheme.keep_pairs,
-            "tensors": scheme.tensors, "loss": loss, "delta_loss": loss - clean_loss,
+            "tensors": scheme.tensors, "loss": loss, "delta_loss": loss - clean_loss, "kl": kl,
             "summary": {
                 "q_err": mean("q_err_head"), "k_err": mean("k_err_head"), "v_err": mean("v_err_head"),
                 "out_err": mean("out_err_head"), "out_qk_err": mean("out_qk_err_head"),
@@ -602,19 +608,20 @@ def summarize_quant(comparison: dict) -> str:
                  f"scales), {first['tokens']} tokens; errors relative, logit error rms in logit units; "
                  f"'band': share of the per-pair logit error in the {bands}/{pairs} pairs without a full period in "
                  f"context (their share of the pairs in brackets); 'offset', 'outlier': the same for offset-feature "
-                 f"pairs and each head's outlier pair; 'out qk': attention-output error with v left unquantized",
+                 f"pairs and each head's outlier pair; 'out qk': attention-output error with v left unquantized; KL: "
+                 f"KL(unquantized || quantized) of the next-token distributions, mean over positions",
              f"{'encoding':<16} {'scheme':<34} {'q err':>6} {'k err':>6} {'v err':>6} {'logit':>7} {'out qk':>7} "
-             f"{'out err':>7} {'Δloss':>8} {'band':>10} {'offset':>10} {'outlier':>10}"]
+             f"{'out err':>7} {'KL':>8} {'Δloss':>8} {'band':>10} {'offset':>10} {'outlier':>10}"]
     for e in encs:
         lines.append(f"{e['encoding']:<16} {'(unquantized: loss ' + format(e['loss'], '.4f') + ')':<34}")
         for r in e["schemes"]:
             s = r["summary"]
             share = lambda n: f"{_pct(s['logit_share'][n])} ({_pct(s['pair_share'][n])})"  # noqa: E731
             lines.append(f"{'':<16} {r['label']:<34} {s['q_err']:>6.4f} {s['k_err']:>6.4f} {s['v_err']:>6.4f} "
-                         f"{s['logit_rms']:>7.4f} {s['out_qk_err']:>7.4f} {s['out_err']:>7.4f} {r['delta_loss']:>+8.4f} "
+                         f"{s['logit_rms']:>7.4f} {s['out_qk_err']:>7.4f} {s['out_err']:>7.4f} {r['kl']:>8.5f} {r['delta_loss']:>+8.4f} "
                          f"{share('incomplete'):>10} {share('offset'):>10} {share('outlier'):>10}")
     lines.append("mitigations: share of the baseline's logit rms / attention-output error with v unquantized "
-                 "(out qk) / Δloss removed")
+                 "(out qk) / KL removed")
     for e in encs:
         base = {}
         for r in e["schemes"]:
@@ -627,7 +634,7 @@ def summarize_quant(comparison: dict) -> str:
                 continue
             bs, rs = b["summary"], r["summary"]
             lines.append(f"  {e['encoding']}, {r['label']}: {_removed(bs['logit_rms'], rs['logit_rms'])} / "
-                         f"{_removed(bs['out_qk_err'], rs['out_qk_err'])} / {_removed(b['delta_loss'], r['delta_loss'])}")
+                         f"{_removed(bs['out_qk_err'], rs['out_qk_err'])} / {_removed(b['kl'], r['kl'])}")
     return "\n".join(lines)
 
 
