@@ -4,6 +4,7 @@
     posenc analyze tiny-llama | MODEL_DIR [--gguf-file F.gguf] | file.gguf | config.json | smollm2
     posenc bench [--device cuda --preset llama --dtype bf16 --encoding rope --json out.json --plot out.png]
     posenc eval MODEL [--encoding original,hope,nope --lengths 512,1024 --passkey --json out.json --plot DIR]
+    posenc finetune MODEL --encoding hope --output DIR [--steps 200 --batch-size 8 --lora 16 --resume ...]
 
 Every command exits 0 on success and 2, with a one-line message on stderr (no traceback), on bad arguments,
 a missing model, or an unsupported model.
@@ -322,13 +323,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- finetune
+def cmd_finetune(args) -> int:
+    import dataclasses
+    from . import training as T
+    fields = {f.name for f in dataclasses.fields(T.FinetuneArgs)}
+    kwargs = {k: v for k, v in vars(args).items() if k in fields}
+    kwargs["lora"] = None if args.full else args.lora
+    try:
+        T.finetune(T.FinetuneArgs(**kwargs))
+    except T.FinetuneError as e:
+        raise CommandError(str(e)) from None
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posenc", description="Positional encodings: benchmarks, rotary "
                                      "frequency tables, and a look inside models.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"posenc {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,freqs,analyze,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,freqs,analyze,eval,finetune}")
     sub.required = True
 
     b = sub.add_parser("bench", help="rotary microbenchmarks (posenc vs transformers eager, torch.compile, ...)",
@@ -431,6 +446,55 @@ def build_parser() -> argparse.ArgumentParser:
                    "a passkey heatmap per encoding")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("finetune", help="fine-tune a model under an encoding (1 process, or torchrun: DDP/FSDP2)",
+                       description="Patches MODEL with the encoding SPEC and fine-tunes it on packed rows of text "
+                       "(positions and attention restart at each document), AdamW with warmup then cosine, bf16 "
+                       "autocast. Writes DIR: the model (from_pretrained after `import posenc`; LoRA: merged, the "
+                       "adapter in DIR/adapter), log.jsonl (loss, lr, tokens/s per step), finetune.json (how it "
+                       "was made) and checkpoints while it runs. Under `torchrun --nproc-per-node N` it trains "
+                       "data-parallel.")
+    t.add_argument("model", help="as for eval: a transformers directory, .gguf, JSON config, tiny-llama, smollm2")
+    t.add_argument("--encoding", required=True, metavar="SPEC", help="original, rope, hope[:L], prope[:p], nope, "
+                   "each optionally @LAYERS (as for eval, one spec)")
+    t.add_argument("--output", required=True, metavar="DIR", help="the run directory (new or empty; or the run "
+                   "to continue, with --resume)")
+    t.add_argument("--gguf-file", help="GGUF file name inside the model directory")
+    t.add_argument("--text-file", metavar="PATH", help="a text file or a directory of text files (default: the "
+                   "Python standard library's sources); 10%% of the documents are held out")
+    t.add_argument("--max-documents", type=positive_int, help="read at most N documents of the text")
+    t.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per row (default 4096)")
+    t.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
+    t.add_argument("--batch-size", type=positive_int, default=8, help="rows per process and micro-step (default 8)")
+    t.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step (default 1); "
+                   "global batch = batch size x grad accum x processes")
+    t.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-4; with --lora 1e-3)")
+    t.add_argument("--min-lr-ratio", type=_number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]"), default=0.1,
+                   help="the cosine ends at this fraction of --lr (default 0.1)")
+    t.add_argument("--warmup", type=nonneg_int, default=20, help="linear warmup steps (default 20)")
+    t.add_argument("--weight-decay", type=_number(float, lambda v: v >= 0, "a non-negative number"), default=0.0)
+    t.add_argument("--max-grad-norm", type=_number(float, lambda v: v >= 0, "a non-negative number"), default=1.0,
+                   help="clip the global gradient norm (default 1; 0: no clipping)")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--lora", type=positive_int, metavar="R", help="LoRA of rank R on every linear layer")
+    mode.add_argument("--full", action="store_true", help="full fine-tuning (the default)")
+    t.add_argument("--lora-alpha", type=positive_float, help="LoRA alpha (default 2 R)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile each decoder layer (default backend inductor)")
+    t.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="autocast dtype; weights and optimizer stay float32 (default bfloat16; float32: none)")
+    t.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
+    t.add_argument("--attn-implementation", default="sdpa", help="transformers attention (default sdpa)")
+    t.add_argument("--save-every", type=nonneg_int, default=100, help="checkpoint every K steps (default 100)")
+    t.add_argument("--eval-every", type=nonneg_int, default=0, help="held-out loss every K steps (default: "
+                   "before and after only)")
+    t.add_argument("--eval-rows", type=positive_int, default=16, help="held-out rows (default 16)")
+    t.add_argument("--seed", type=nonneg_int, default=0, help="data order, LoRA init, random weights (0)")
+    t.add_argument("--resume", action="store_true", help="continue the run in DIR from its newest checkpoint")
+    t.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_finetune)
     return parser
 
 

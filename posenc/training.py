@@ -301,8 +301,14 @@ class _Processes:
         self.dist.all_reduce(t)
         return t.tolist()
 
-    def agree(self, error: str | None) -> None:
-        """Raise on every process if any process met a user error (so none is left waiting at a collective)."""
+    def together(self, stage) -> None:
+        """Run stage(); if it raises FinetuneError on any process, raise it on every process (so that none is
+        left waiting at a collective)."""
+        try:
+            stage()
+            error = None
+        except FinetuneError as e:
+            error = str(e)
         if self.distributed:
             flags = [None] * self.world
             self.dist.all_gather_object(flags, error)
@@ -482,6 +488,8 @@ class _Run:
         self.global_batch = args.batch_size * args.grad_accum * procs.world
         self.dtype = getattr(torch, args.dtype)
         self.log_path = out.file(LOG_NAME)
+        self.step = 0  # the step running (for messages)
+        self.identity = args.identity(procs.world)  # what resume compares (the data's digests join it)
 
     # -- setup
     def prepare(self):
@@ -717,13 +725,8 @@ class _Run:
             if procs.device.type == "cuda":
                 torch.cuda.synchronize(procs.device)
             t0 = time.perf_counter()
-            try:
-                entry = self.train_step(step)
-            except torch.OutOfMemoryError:
-                raise FinetuneError(
-                    f"out of memory at step {step + 1} ({args.batch_size} rows x {args.seq_len} tokens per process "
-                    f"and micro-step): try a smaller --batch-size (with a larger --grad-accum to keep the global "
-                    f"batch), --gradient-checkpointing, or a shorter --seq-len") from None
+            self.step = step
+            entry = self.train_step(step)
             dt = time.perf_counter() - t0  # .item() in train_step has synchronised
             entry = {"step": step + 1, **entry, "tokens_per_s": tokens_per_step / dt, "step_s": dt}
             history.append(entry)
@@ -836,46 +839,46 @@ def finetune(args: FinetuneArgs, *, stop_after: int | None = None) -> dict:
     """Fine-tune args.model with args.encoding; returns what finetune.json records. stop_after: end after that
     many steps (a checkpoint is written then if save_every divides it), as an interrupted run would; the
     result is then {"stopped_at": step, "history": [...]} and no model is saved.
-    FinetuneError on user errors (bad arguments, output directory, model, data, out of memory)."""
+    FinetuneError on user errors (bad arguments, output directory, model, data, out of memory); a run that
+    fails before its first checkpoint leaves nothing in the output directory."""
     try:
         spec = args.check()
     except (TypeError, ValueError) as e:
         raise FinetuneError(str(e)) from None
     procs = _Processes(args.device)
     out = _Output(args.output)
-    run = None
-    try:
-        error = None
-        identity = args.identity(procs.world)
-        try:
-            out.check(args.resume)
-            if args.resume:  # the arguments first (cheap); the data's digests once it is read
-                _check_same_run(out, identity, set(identity))
-        except FinetuneError as e:
-            error = str(e)
-        procs.agree(error)
-        run = _Run(args, spec, procs, out)
-        run.identity = identity
-        error = None
-        try:
-            run.prepare()
-            run.identity["data_sha256"] = run.data["describe"]["sha256"]
-            run.identity["rows_sha256"] = run.data["describe"]["rows_sha256"]
-            if args.resume:
-                _check_same_run(out, run.identity)
-        except FinetuneError as e:
-            error = str(e)
-        procs.agree(error)
-        error = None
+    run = _Run(args, spec, procs, out)
+
+    def check_output():
+        out.check(args.resume)
+        if args.resume:  # the arguments first (cheap); the data's digests once it is read
+            _check_same_run(out, run.identity, set(run.identity))
+
+    def prepare():
+        run.prepare()
+        run.identity.update(data_sha256=run.data["describe"]["sha256"], rows_sha256=run.data["describe"]["rows_sha256"])
+        if args.resume:
+            _check_same_run(out, run.identity)
+
+    def claim():
         if procs.main and not args.resume:
+            out.claim()
             try:
-                out.claim()
                 _write_json_atomic(out.file(RUN_NAME), {"identity": run.identity, "args": dataclasses.asdict(args)})
-                out.written.append(out.file(RUN_NAME))
-            except (FinetuneError, OSError) as e:
-                error = str(e)
-        procs.agree(error)
-        return run.run(stop_after)
+            except OSError as e:
+                raise FinetuneError(f"cannot write {out.file(RUN_NAME)}: {e.strerror or e}") from None
+            out.written.append(out.file(RUN_NAME))
+
+    try:
+        for stage in (check_output, prepare, claim):
+            procs.together(stage)
+        try:
+            return run.run(stop_after)
+        except torch.OutOfMemoryError:
+            raise FinetuneError(
+                f"out of memory at step {run.step + 1} with {args.batch_size} rows x {args.seq_len} tokens per "
+                f"process and micro-step: try a smaller --batch-size (a larger --grad-accum keeps the global batch), "
+                f"--gradient-checkpointing, or a shorter --seq-len") from None
     except BaseException:
         if procs.main and not args.resume:
             out.discard()

@@ -223,3 +223,64 @@ def test_two_gloo_processes_equal_one(text_dir, tmp_path):
         print(f"{name}: max weight difference {diff:.2e}")
         for k in ref_w:
             torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=3e-5)
+
+
+# ------------------------------------------------------------------------------------------- user errors
+def cli_args(text_dir, output, *extra):
+    return ["finetune", "tiny-llama", "--output", str(output), "--text-file", text_dir, "--seq-len", "64",
+            "--steps", "2", "--batch-size", "2", "--warmup", "1", "--dtype", "float32", "--device", "cpu",
+            "--quiet", *extra]
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("spec", ["bogus", "hope:x", "prope:2", "original@0-1"])
+def test_bad_spec_exits_2_writing_nothing(spec, text_dir, tmp_path, capsys):
+    code, err = run_cli(cli_args(text_dir, tmp_path / "out", "--encoding", spec), capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("posenc finetune: error: bad encoding spec")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unusable_output_exits_2(text_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    for target, words in ((tmp_path / "file" / "run", "not a writable directory"), (tmp_path / "file", "not a directory"),
+                          (tmp_path / "full", "not empty")):
+        code, err = run_cli(cli_args(text_dir, target, "--encoding", "nope"), capsys)
+        assert code == 2 and len(err) == 1 and words in err[0], err
+    assert os.listdir(tmp_path / "full") == ["notes.txt"]
+
+
+def test_out_of_memory_says_what_to_do_and_leaves_nothing(text_dir, tmp_path, capsys, monkeypatch):
+    def oom(self, step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(training._Run, "train_step", oom)
+    code, err = run_cli(cli_args(text_dir, tmp_path / "out", "--encoding", "hope:32"), capsys)
+    assert code == 2 and len(err) == 1
+    assert "out of memory at step 1" in err[0] and "--batch-size" in err[0] and "--gradient-checkpointing" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_checks_it_is_the_same_run(text_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    finetune(args_for(text_dir, out, steps=4, save_every=2), stop_after=2)
+    before = sorted(os.listdir(out)), (out / "log.jsonl").read_text()
+    code, err = run_cli(cli_args(text_dir, out, "--encoding", "hope:32", "--steps", "4", "--resume"), capsys)
+    assert code == 2 and len(err) == 1 and "holds a different run" in err[0] and "lr" in err[0], err
+    code, err = run_cli(cli_args(text_dir, out, "--encoding", "nope", "--resume", "--lr", "3e-3", "--steps", "4",
+                                 "--save-every", "2", "--eval-rows", "4", "--batch-size", "4"), capsys)
+    assert code == 2 and "encoding: 'hope:32' there, 'nope' now" in err[0], err
+    code, err = run_cli(cli_args(text_dir, tmp_path / "none", "--encoding", "nope", "--resume"), capsys)
+    assert code == 2 and "holds no run" in err[0]
+    assert (sorted(os.listdir(out)), (out / "log.jsonl").read_text()) == before
+    # The same run resumes, from the command line, with another split of the same global batch.
+    code, err = run_cli(cli_args(text_dir, out, "--encoding", "hope:32", "--resume", "--lr", "3e-3", "--steps", "4",
+                                 "--save-every", "2", "--eval-rows", "4", "--batch-size", "2", "--grad-accum", "2"),
+                        capsys)
+    assert code == 0, err
+    assert len(losses(out / "log.jsonl")) == 4 and (out / "finetune.json").exists()
