@@ -32,7 +32,7 @@ from torch import nn
 from . import frequencies as F
 from .ops import MAX_HEAD_DIM, _positions_from_cu_seqlens, apply_rotary
 
-__all__ = ["Encoding", "RoPE", "PRoPE", "HoPE", "NoPE", "get_encoding", "ENCODINGS"]
+__all__ = ["Encoding", "RoPE", "PRoPE", "HoPE", "NoPE", "get_encoding", "encoding_class", "ENCODINGS"]
 
 
 class Encoding(nn.Module):
@@ -311,11 +311,16 @@ ENCODINGS = {cls.name: cls for cls in (RoPE, PRoPE, HoPE, NoPE)}
 _ALIASES = {"p-rope": "prope", "p_rope": "prope", "proportional": "prope", "none": "nope"}
 
 
-def get_encoding(name: str, **kwargs) -> Encoding:
-    """An encoding by name: "rope", "prope" (or "p-rope"), "hope", "nope"."""
+def encoding_class(name: str) -> type[Encoding]:
+    """The encoding class a name (or alias: "p-rope", "none", ...) stands for, without building one."""
     if not isinstance(name, str):
         raise TypeError(f"encoding name must be a string, got {type(name).__name__}")
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in ENCODINGS:
         raise ValueError(f"unknown encoding {name!r}; expected one of {sorted(ENCODINGS)}")
-    return ENCODINGS[key](**kwargs)
+    return ENCODINGS[key]
+
+
+def get_encoding(name: str, **kwargs) -> Encoding:
+    """An encoding by name: "rope", "prope" (or "p-rope"), "hope", "nope"."""
+    return encoding_class(name)(**kwargs)

@@ -351,3 +351,15 @@ def test_hope_shorter_than_the_fastest_wavelength_warns_it_is_nope():
 def test_bad_types_and_values_are_rejected(build, error, match):
     with pytest.raises(error, match=match):
         build()
+
+
+def test_encoding_class_resolves_names_without_building():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is built, so no "equals NoPE" warning for a probe
+        assert posenc.encodings.encoding_class("p-rope") is posenc.PRoPE
+        assert posenc.encodings.encoding_class("None") is posenc.NoPE
+    with pytest.raises(ValueError, match="unknown encoding"):
+        posenc.encodings.encoding_class("alibi")
+    with pytest.raises(TypeError, match="encoding name"):
+        posenc.encodings.encoding_class(3)
