@@ -48,7 +48,7 @@ DEFAULT_LENGTHS = (256, 512, 1024, 2048)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # Tokens per forward pass when the batch size is not given (windows of length L go L-at-a-time up to this).
 _TOKENS_PER_BATCH = {"cuda": 65_536, "cpu": 8_192}
-_CE_CHUNK = 4096  # positions per cross-entropy call: bounds the float32 copy of the logits
+_CE_TOKENS = 32_768  # tokens per cross-entropy call: bounds the float32 copy of the logits
 
 Progress = Callable[[int, int, str], None]
 
@@ -140,8 +140,9 @@ def token_losses(model, ids: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids.to(_device(model)), use_cache=False).logits
     targets = ids[:, 1:].to(logits.device)
     out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    for start in range(0, targets.shape[1], _CE_CHUNK):
-        stop = min(start + _CE_CHUNK, targets.shape[1])
+    step = max(1, _CE_TOKENS // targets.shape[0])
+    for start in range(0, targets.shape[1], step):
+        stop = min(start + step, targets.shape[1])
         chunk = logits[:, start:stop].float()
         out[:, start:stop] = F.cross_entropy(chunk.flatten(0, 1), targets[:, start:stop].flatten(),
                                              reduction="none").view(chunk.shape[:2])
@@ -769,6 +770,7 @@ def run_eval(model: str, *, encodings: str = "original", lengths="256,512,1024,2
 
     log(f"loading {model} ...")
     from .analysis.models import ModelLoadError
+    t0 = time.perf_counter()
     try:
         net, tokenizer, name = load_eval_model(model, gguf_file, device=device, dtype=dtypes[dtype], seed=seed)
     except ModelLoadError as e:
@@ -780,6 +782,7 @@ def run_eval(model: str, *, encodings: str = "original", lengths="256,512,1024,2
     loaded = current_patch(net)
     check_specs(net, specs, loaded)
     log(f"reading {corpus.source} ({len(corpus.documents)} documents) ...")
+    t1 = time.perf_counter()
     windows, text = prepare_windows(corpus, tokenizer, int(_text_config(net).vocab_size), lengths, max_windows,
                                     seed)
     if not any(w.shape[0] for w in windows.values()):
@@ -787,10 +790,13 @@ def run_eval(model: str, *, encodings: str = "original", lengths="256,512,1024,2
                         "longer text (--text-file) or shorter --lengths")
     log(f"evaluating {name}: {', '.join(map(str, specs))} at lengths {', '.join(map(str, lengths))}"
         + (f", passkey ({passkey_trials} trials x {len(depths)} depths)" if passkey_on else ""))
+    t2 = time.perf_counter()
     result = evaluate(net, tokenizer, specs, lengths, windows=windows, text=text, max_windows=max_windows,
                       batch_size=batch_size, buckets=buckets, passkey_depths=depths,
                       passkey_trials=passkey_trials if passkey_on else 0, seed=seed, progress=progress)
+    t3 = time.perf_counter()
     result["model"]["name"] = name
+    result["seconds"] = {"load": round(t1 - t0, 2), "text": round(t2 - t1, 2), "evaluate": round(t3 - t2, 2)}
     if json_path is not None:
         write_json(result, json_path)
         log(f"wrote {json_path}")
