@@ -203,6 +203,20 @@ def test_a_patched_model_is_original_as_loaded_and_restored(tiny):
         posenc.unpatch(tiny)
 
 
+@pytest.mark.parametrize("kwargs", [dict(encoding="hope", layers="full_attention", context_length=16),
+                                    dict(encoding="nope"), dict(encoding="prope", p=0.5, layers=[0, 3])])
+def test_current_patch_reproduces_a_gemma3_patch(kwargs):
+    from hf_tiny import tiny_model
+    model = tiny_model("gemma3_text")
+    assert E.current_patch(model) is None
+    posenc.patch(model, **kwargs)
+    found = E.current_patch(model)
+    before = json.dumps(model.config.rope_parameters, sort_keys=True)
+    posenc.unpatch(model)
+    posenc.patch(model, **found)
+    assert json.dumps(model.config.rope_parameters, sort_keys=True) == before
+
+
 def test_check_specs_names_the_spec(tiny):
     with pytest.raises(E.EvalError, match=r"encoding 'nope@9'.*out of range"):
         E.check_specs(tiny, parse_specs("original,nope@9"))
