@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..encodings import get_encoding
+from ..encodings import encoding_class, get_encoding
 from ..ops import apply_rotary
 from .families import FAMILIES, SUPPORTED, Family, family_of
 
@@ -452,7 +452,7 @@ def _check_encoding(encoding, kernel, encoding_kwargs) -> str:
         raise TypeError(f"encoding must be a string such as 'hope', got {type(encoding).__name__}")
     if not isinstance(kernel, bool):
         raise TypeError(f"kernel must be True or False, got {kernel!r}")
-    name = get_encoding(encoding, head_dim=2).name  # resolves aliases ("p-rope"), raises on unknown names
+    name = encoding_class(encoding).name  # resolves aliases ("p-rope"), raises on unknown names
     extra = sorted(set(encoding_kwargs) - set(_ENCODING_ARGS[name]))
     if extra:
         takes = ", ".join(_ENCODING_ARGS[name]) or "no arguments"
