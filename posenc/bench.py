@@ -29,7 +29,6 @@ x_copy = time / time of the copy of the same case.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,8 @@ import time
 from typing import Callable
 
 import torch
+
+from . import io as _io
 
 __all__ = ["Shape", "Case", "PRESETS", "METHODS", "PASSES", "run", "format_table", "write_json", "plot"]
 
@@ -538,12 +539,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_json(rows: list[dict], path) -> None:
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1, default=str)
+    """The rows as JSON at path, atomically (posenc.io)."""
+    _io.write_json(rows, path, default=str)
 
 
 def plot(rows: list[dict], path) -> None:
-    """Bars of time / copy time per case, one bar per method; a line at the copy floor."""
+    """Bars of time / copy time per case, one bar per method; a line at the copy floor. A PNG at exactly
+    path, written atomically."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -575,5 +577,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_title(f"posenc rotary benchmark — {title}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        _io.save_png(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

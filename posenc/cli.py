@@ -7,7 +7,8 @@
     posenc finetune MODEL --encoding hope --output DIR [--steps 200 --batch-size 8 --lora 16 --resume ...]
 
 Every command exits 0 on success and 2, with a one-line message on stderr (no traceback), on bad arguments,
-a missing model, or an unsupported model.
+a missing model, or an unsupported model; output paths are checked before the work starts (posenc.io) and
+files are written atomically, so a failed run leaves no half-written output.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import argparse
 import json
 import math
 import sys
+
+from .io import check_writable_dir, check_writable_file, write_json
 
 __all__ = ["main", "build_parser"]
 
@@ -72,12 +75,18 @@ def _emit_json(obj, dest):
     if dest in (None, "-"):
         print(text)
     else:
+        check_writable_file(dest, "--json")
         try:
-            with open(dest, "w") as f:
-                f.write(text + "\n")
+            write_json(obj, dest)
         except OSError as e:
             raise CommandError(f"cannot write {dest}: {e.strerror or e}") from None
         print(f"wrote {dest}", file=sys.stderr)
+
+
+def _check_json_path(dest) -> None:
+    """--json PATH (not stdout) must be writable before the work starts."""
+    if dest not in (None, "-"):
+        check_writable_file(dest, "--json")
 
 
 # ----------------------------------------------------------------------------------------------- freqs
@@ -161,8 +170,17 @@ def cmd_analyze(args) -> int:
                 text = f.read()
         except OSError as e:
             raise CommandError(f"cannot read text file {args.text_file}: {e.strerror or e}") from None
+        if not text.strip():
+            raise CommandError(f"--text-file {args.text_file} is empty; give a file with some text")
+    elif args.text is not None:
+        if not args.text.strip():
+            raise CommandError("--text is empty; give some text, or leave --text out for the built-in paragraph")
+        text = args.text
     else:
-        text = args.text or A.DEFAULT_TEXT
+        text = A.DEFAULT_TEXT
+    _check_json_path(args.json)
+    if args.plot:
+        check_writable_dir(args.plot, "--plot")
     try:
         quant = A.quant.cli_plan(args.quant, args.granularity, args.keep_pairs, args.encoding)  # None: no --quant
     except ValueError as e:
@@ -282,6 +300,8 @@ def cmd_bench(args) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise CommandError("--plot needs matplotlib: pip install matplotlib") from None
+        check_writable_file(args.plot, "--plot", suffix=".png")
+    _check_json_path(args.json)
     progress = None if args.quiet else _Progress()
     try:
         rows = bench.run(progress=progress, **kwargs)
@@ -295,10 +315,16 @@ def cmd_bench(args) -> int:
     else:
         print(bench.format_table(rows))
         if args.json is not None:
-            bench.write_json(rows, args.json)
+            try:
+                bench.write_json(rows, args.json)
+            except OSError as e:
+                raise CommandError(f"cannot write {args.json}: {e.strerror or e}") from None
             print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        bench.plot(rows, args.plot)
+        try:
+            bench.plot(rows, args.plot)
+        except OSError as e:
+            raise CommandError(f"cannot write {args.plot}: {e.strerror or e}") from None
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
@@ -506,8 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
-    except CommandError as e:
-        print(f"posenc {args.command}: error: {e}", file=sys.stderr)
+    except (CommandError, ValueError) as e:  # a ValueError from the library: bad input the commands passed on
+        print(f"posenc {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

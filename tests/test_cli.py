@@ -23,8 +23,34 @@ def run_main(capsys, *argv):
 def assert_clean_error(code, err, *needles):
     assert code == 2
     assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ": error: " in ln or ln.startswith("posenc ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err  # one line, the last one
     for n in needles:
         assert n in err, err
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A directory no file can be created in (root ignores permissions: then /proc, a read-only file system)."""
+    if os.geteuid() == 0:
+        yield "/proc"
+        return
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o500)
+    yield str(d)
+    d.chmod(0o700)
+
+
+@pytest.fixture
+def no_long_work(monkeypatch):
+    """Refusals must come before the long work: loading a model or running the benchmark fails the test."""
+    from posenc import analysis, bench
+
+    def boom(*a, **k):
+        raise AssertionError("the long work started before the arguments were checked")
+    monkeypatch.setattr(bench, "run", boom)
+    monkeypatch.setattr(analysis, "load_model", boom)
 
 
 # ------------------------------------------------------------------------------------------- freqs
@@ -97,6 +123,21 @@ def test_freqs_llama3_scaling_matches_transformers(capsys, tmp_path):
 def test_freqs_bad_input_is_a_clean_error(capsys, argv, needle):
     code, _, err = run_main(capsys, "freqs", *argv)
     assert_clean_error(code, err, needle)
+
+
+def test_freqs_library_value_error_is_one_line(capsys):
+    # dynamic rope with max_position_embeddings 0 (a ZeroDivisionError traceback before rope validation)
+    code, _, err = run_main(capsys, "freqs", "--head-dim", "64", "--context", "512", "--rope-type", "dynamic",
+                            "--factor", "2", "--rope-param", "max_position_embeddings=0")
+    assert_clean_error(code, err, "max_position_embeddings")
+    code, _, err = run_main(capsys, "freqs", "--head-dim", "2", "--context", "512", "--rope-type", "dynamic",
+                            "--factor", "2", "--rope-param", "max_position_embeddings=16")
+    assert_clean_error(code, err, "dynamic")
+
+
+def test_freqs_json_into_a_directory(capsys, tmp_path):
+    code, _, err = run_main(capsys, "freqs", "--head-dim", "8", "--context", "16", "--json", str(tmp_path))
+    assert_clean_error(code, err, "--json", "is a directory")
 
 
 # ------------------------------------------------------------------------------------------- analyze
@@ -178,7 +219,69 @@ def test_analyze_errors_are_clean(capsys, tmp_path):
     assert_clean_error(code, err, "cannot read config")
 
 
+@pytest.mark.parametrize("argv,needle", [(["--text", ""], "--text"), (["--text", " \n "], "--text"),
+                                         (["--text-file", "EMPTY"], "--text-file")])
+def test_analyze_empty_text_is_refused(capsys, tmp_path, no_long_work, argv, needle):
+    (tmp_path / "empty.txt").write_text("")
+    argv = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in argv]
+    code, _, err = run_main(capsys, "analyze", "tiny-llama", *argv)
+    assert_clean_error(code, err, needle, "empty")
+
+
+def test_analyze_outputs_checked_before_loading(capsys, tmp_path, no_long_work, unwritable_dir):
+    (tmp_path / "file").write_text("x")
+    for argv, needles in [(["--json", str(tmp_path)], ("--json", "is a directory")),
+                          (["--json", os.path.join(unwritable_dir, "r.json")], ("--json", "cannot write")),
+                          (["--json", str(tmp_path / "no" / "r.json")], ("--json", "no such directory")),
+                          (["--plot", str(tmp_path / "file")], ("--plot", "not a directory")),
+                          (["--plot", os.path.join(unwritable_dir, "plots")], ("--plot",))]:
+        code, _, err = run_main(capsys, "analyze", "tiny-llama", *argv)
+        assert_clean_error(code, err, *needles)
+        assert "loading" not in err
+
+
+def test_analyze_invalid_config_is_one_line(capsys, tmp_path):
+    cfg = dict(model_type="llama", hidden_size=30, num_attention_heads=4, num_hidden_layers=1, vocab_size=64,
+               intermediate_size=32)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    code, _, err = run_main(capsys, "analyze", str(tmp_path / "cfg.json"))
+    assert_clean_error(code, err, "hidden size (30) is not a multiple of the number of attention heads (4)")
+    (tmp_path / "model").mkdir()  # the same config.json in a model directory
+    (tmp_path / "model" / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_main(capsys, "analyze", str(tmp_path / "model"))
+    assert_clean_error(code, err, "hidden size (30) is not a multiple of the number of attention heads (4)")
+
+
 # ------------------------------------------------------------------------------------------- bench
+def test_bench_outputs_checked_before_the_run(capsys, tmp_path, no_long_work, unwritable_dir):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "d").mkdir()
+    for argv, needles in [(["--json", str(tmp_path / "d")], ("--json", "is a directory")),
+                          (["--json", os.path.join(unwritable_dir, "b.json")], ("--json", "cannot write")),
+                          (["--plot", os.path.join(unwritable_dir, "b.png")], ("--plot", "cannot write")),
+                          (["--plot", str(tmp_path / "d")], ("--plot", ".png")),
+                          (["--plot", str(tmp_path / "b")], ("--plot", ".png"))]:
+        code, _, err = run_main(capsys, "bench", "--preset", "tiny", "--device", "cpu", *argv)
+        assert_clean_error(code, err, *needles)
+        assert "bench [" not in err
+    assert os.listdir(tmp_path / "d") == []
+
+
+def test_atomic_write_leaves_old_file_or_none(tmp_path):
+    from posenc import io
+    path = tmp_path / "out.json"
+    io.write_json({"a": 1}, path)
+    assert json.loads(path.read_text()) == {"a": 1} and (path.stat().st_mode & 0o777) != 0o600
+    with pytest.raises(TypeError):
+        io.write_json({"a": object()}, path)  # fails half-way through the dump
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(RuntimeError):
+        with io.atomic_write(tmp_path / "new.txt") as f:
+            f.write("half")
+            raise RuntimeError("interrupted")
+    assert sorted(os.listdir(tmp_path)) == ["out.json"]  # no temp files, no half-written new.txt
+
+
 def test_bench_without_module_is_a_clean_error(capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "posenc.bench" else real(name, *a))
@@ -203,6 +306,8 @@ def test_bench_tiny_run(capsys, tmp_path):
     assert [ln.split()[1] for ln in progress] == ["[1/3]", "[2/3]", "[3/3]"]  # progress on stderr
     if "--plot" in argv:
         assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"wrote {tmp_path / 'b.png'}" in err
+    assert sorted(os.listdir(tmp_path)) == sorted(["b.json"] + (["b.png"] if "--plot" in argv else []))
     # a shape given on the command line, JSON on stdout, no progress
     code, out, err = run_main(capsys, "bench", "--device", "cpu", "--shape", "1,4,2,1,16", "--dtype", "float32",
                               "--method", "posenc", "--iters", "1", "--warmup", "0", "--json", "-q")

@@ -53,6 +53,23 @@ def smollm2_gguf() -> tuple[str, str] | None:
     return None
 
 
+def _invalid_config_error() -> tuple:
+    """huggingface_hub's strict dataclass validation errors, which transformers' configs raise for invalid
+    values (hidden size not a multiple of the heads, ...): not ValueErrors, though they wrap one."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
+def _reason(e: BaseException) -> str:
+    """One line; for a validation error, the error it wraps (the message names the field or the rule)."""
+    if isinstance(e, _invalid_config_error()) and e.__cause__ is not None:
+        e = e.__cause__
+    return " ".join(str(e).split())
+
+
 def _from_config_dict(cfg: dict, seed: int, attn_implementation: str = "eager"):
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = dict(cfg)
@@ -61,13 +78,15 @@ def _from_config_dict(cfg: dict, seed: int, attn_implementation: str = "eager"):
         raise ModelLoadError("the config has no 'model_type'")
     try:
         config = AutoConfig.for_model(model_type, **cfg)
+    except _invalid_config_error() as e:
+        raise ModelLoadError(f"invalid {model_type!r} config: {_reason(e)}") from None
     except (ValueError, KeyError) as e:
         raise ModelLoadError(f"unsupported model type {model_type!r}: {e}") from None
     torch.manual_seed(seed)
     try:
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval(), None
-    except ValueError as e:
-        raise ModelLoadError(f"cannot build a causal LM from the {model_type!r} config: {e}") from None
+    except (ValueError, *_invalid_config_error()) as e:
+        raise ModelLoadError(f"cannot build a causal LM from the {model_type!r} config: {_reason(e)}") from None
 
 
 def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0, attn_implementation: str = "eager"):
@@ -114,8 +133,8 @@ def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0, attn_i
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, attn_implementation=attn_implementation,
                                                      **kwargs).eval()
-    except (ValueError, KeyError, OSError, ImportError) as e:
-        raise ModelLoadError(f"cannot load {spec}{' / ' + gguf_file if gguf_file else ''}: {e}") from None
+    except (ValueError, KeyError, OSError, ImportError, *_invalid_config_error()) as e:
+        raise ModelLoadError(f"cannot load {spec}{' / ' + gguf_file if gguf_file else ''}: {_reason(e)}") from None
     try:
         tok = AutoTokenizer.from_pretrained(spec, **kwargs)
     except (ValueError, KeyError, OSError, ImportError, TypeError):

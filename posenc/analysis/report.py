@@ -16,13 +16,13 @@ Definitions (all per layer and head, averaged over the tokens of the text):
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import torch
 
 from .. import frequencies as F
+from .. import io as _io
 from . import metrics as M
 from .capture import UnsupportedModelError, capture
 
@@ -214,8 +214,8 @@ def _summary(report: dict) -> dict:
 
 
 def write_json(report: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1, allow_nan=True)
+    """The report as JSON at path, atomically (posenc.io)."""
+    _io.write_json(report, path)
 
 
 def _fmt_pct(x):
@@ -294,9 +294,10 @@ def plot_report(report: dict, directory: str) -> list[str]:
     def save(fig, name):
         path = os.path.join(directory, name)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        try:
+            paths.append(_io.save_png(fig, path, dpi=110))
+        finally:
+            plt.close(fig)
 
     def heat(data, title, xlabel, ylabel, name, cmap="viridis", vmin=None, vmax=None, cut=None, yticks=None):
         fig, ax = plt.subplots(figsize=(min(14.0, max(4.0, 0.12 * len(data[0]) + 3)),
