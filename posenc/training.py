@@ -10,9 +10,11 @@ GPUs and gloo on CPUs.
 
 How a run is put together, and why:
 - Data (posenc.data): the corpus's documents are split by document into training and held-out parts with
-  the fixed split posenc.data.split_documents gives (held_out=0.1, seed 0), so the documents `posenc eval`
-  holds out are never trained on; training documents are tokenized in a seeded order and packed into rows
-  of seq_len tokens whose positions restart at each document. transformers keeps attention inside each
+  a fixed split (posenc.data.split_documents, held_out=0.1, seed 0, whatever the run's seed); the held-out
+  rows give the loss before and after training. (`posenc eval` reads whole corpora: to measure on documents
+  never trained on, give each its own directory, as scripts/study.py does.) Training documents are
+  tokenized in a seeded order and packed into rows of seq_len tokens whose positions restart at each
+  document. transformers keeps attention inside each
   document by reading those restarting position_ids (masking_utils.find_packed_sequence_indices) - but only
   when the call has neither an attention mask nor a cache. A model in training mode creates a DynamicCache
   unless told not to, and then attends across documents: every call here passes use_cache=False.
@@ -53,7 +55,7 @@ from .data import iter_encoded, load_corpus, pack, split_documents
 from .specs import parse_spec
 
 __all__ = ["FinetuneArgs", "FinetuneError", "finetune", "lr_factor", "flops_per_token", "matmul_parameters",
-           "step_rows", "packed_logits", "H200_BF16_PEAK_FLOPS"]
+           "step_rows", "packed_logits", "drop_gguf_marker", "H200_BF16_PEAK_FLOPS", "HELD_OUT", "SPLIT_SEED"]
 
 # Dense bf16 peak of one H200 (SXM), for model FLOPs utilisation.
 H200_BF16_PEAK_FLOPS = 989e12
@@ -403,6 +405,15 @@ class _Output:
 
 
 # ------------------------------------------------------------------------------------------- model + data
+def drop_gguf_marker(model):
+    """transformers dequantizes a GGUF file's tensors on load (plain float parameters) but leaves a quantizer
+    on the model that makes save_pretrained refuse it; remove that marker. Other models are left alone."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
+        quantizer.remove_quantization_config(model)
+    return model
+
+
 def _load(args: FinetuneArgs, spec):
     """(model with the encoding applied, tokenizer or None, description). ModelLoadError / ValueError on bad
     input, before any training."""
@@ -410,11 +421,7 @@ def _load(args: FinetuneArgs, spec):
     from .analysis.models import load_model
     model, tokenizer, name = load_model(args.model, args.gguf_file, seed=args.seed,
                                         attn_implementation=args.attn_implementation)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
-        # transformers dequantizes a GGUF file's tensors on load; the marker left behind only makes
-        # save_pretrained refuse the model. The weights are plain float32 parameters.
-        quantizer.remove_quantization_config(model)
+    drop_gguf_marker(model)
     kwargs = spec.patch_kwargs()
     if kwargs is not None:
         patch(model, **kwargs)
@@ -788,7 +795,8 @@ class _Run:
             "speed": {"tokens_per_s": tokens_per_s, "flops_per_token": self.flops,
                       "flops_formula": "6 N + 12 L H Q T per token (N matmul parameters; LoRA: 4 N + 2 N_trainable)",
                       "mfu_h200": (tokens_per_s * self.flops / (H200_BF16_PEAK_FLOPS * procs.world)
-                                   if tokens_per_s else None)},
+                                   if tokens_per_s and procs.device.type == "cuda" else None)},
+            "rotary_backend": _rotary_backend(procs.device),
             "versions": _versions(),
         }
         if procs.main:
@@ -817,6 +825,11 @@ class _Run:
                 shutil.rmtree(target)
             os.replace(os.path.join(tmp, name), target)
         os.rmdir(tmp)
+
+
+def _rotary_backend(device) -> str:
+    from .ops import backend
+    return backend(device)
 
 
 def _version() -> str:
