@@ -28,7 +28,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,12 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from . import io as IO
 from .specs import EncodingSpec, parse_specs
 
 __all__ = ["EvalError", "load_eval_model", "trained_context", "learned_position_limit", "token_losses",
            "perplexity", "position_buckets", "TextEncoder", "passkey_prompt", "passkey_answer_correct",
            "greedy_generate", "passkey", "current_patch", "applied", "check_specs", "prepare_windows", "evaluate",
-           "format_table", "plot_result", "write_json", "run_eval", "ProgressBar", "DEFAULT_LENGTHS", "DEFAULT_DEPTHS"]
+           "format_table", "plot_result", "run_eval", "ProgressBar", "DEFAULT_LENGTHS", "DEFAULT_DEPTHS"]
 
 DEFAULT_LENGTHS = (256, 512, 1024, 2048)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -667,53 +667,12 @@ def plot_result(result: dict, directory: str) -> list[str]:
 
     paths = []
     for name, fig in figures:
-        path = os.path.join(directory, name)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".png")
-        os.close(fd)
         try:
             fig.tight_layout()
-            fig.savefig(tmp, dpi=120)
-            os.replace(tmp, path)
+            paths.append(IO.save_png(fig, os.path.join(directory, name), dpi=120))
         finally:
             plt.close(fig)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        paths.append(path)
     return paths
-
-
-def _check_writable_file(path: str, what: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise EvalError(f"{what} {path} is a directory, expected a file path")
-    if not os.path.isdir(directory):
-        raise EvalError(f"cannot write {what} {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise EvalError(f"cannot write {what} {path}: permission denied")
-
-
-def _check_writable_dir(path: str, what: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise EvalError(f"{what} {path} exists and is not a directory")
-    probe = path
-    while not os.path.exists(probe):  # the nearest existing parent must let us create the rest
-        probe = os.path.dirname(os.path.abspath(probe))
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise EvalError(f"cannot write {what} {path}: {probe} is not a writable directory")
-
-
-def write_json(result: dict, path: str) -> None:
-    """The result as JSON, through a temporary file in the same directory and os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _parse_list(text, kind, what):
@@ -755,10 +714,14 @@ def run_eval(model: str, *, encodings: str = "original", lengths="256,512,1024,2
         raise EvalError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     if text_path is not None and not os.path.exists(text_path):
         raise EvalError(f"text path {text_path} does not exist (give a text file or a directory of text files)")
-    if json_path is not None:
-        _check_writable_file(json_path, "JSON output")
+    try:
+        if json_path is not None:
+            IO.check_writable_file(json_path, "--json")
+        if plot_dir is not None:
+            IO.check_writable_dir(plot_dir, "--plot")
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     if plot_dir is not None:
-        _check_writable_dir(plot_dir, "plot directory")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -798,7 +761,7 @@ def run_eval(model: str, *, encodings: str = "original", lengths="256,512,1024,2
     result["model"]["name"] = name
     result["seconds"] = {"load": round(t1 - t0, 2), "text": round(t2 - t1, 2), "evaluate": round(t3 - t2, 2)}
     if json_path is not None:
-        write_json(result, json_path)
+        IO.write_json(result, json_path)
         log(f"wrote {json_path}")
     if plot_dir is not None:
         paths = plot_result(result, plot_dir)

@@ -345,7 +345,7 @@ def test_cli_errors_are_one_line_exit_2_nothing_written(capsys, tmp_path, case):
         "layer-range": (["tiny-llama", "--encoding", "nope@7"], "out of range"),
         "learned-table": ([_gpt2_config(tmp_path), "--lengths", "32,128"], "learned position table (64"),
         "little-text": (["tiny-llama", "--text-file", str(tiny_text), "--lengths", "64"], "too little text"),
-        "json-dir-missing": (["tiny-llama", "--json", str(tmp_path / "nowhere" / "e.json")], "does not exist"),
+        "json-dir-missing": (["tiny-llama", "--json", str(tmp_path / "nowhere" / "e.json")], "no such directory"),
         "plot-is-file": (["tiny-llama", "--plot", str(tiny_text)], "is not a directory"),
         "bad-lengths": (["tiny-llama", "--lengths", "64,abc"], "context lengths"),
         "short-length": (["tiny-llama", "--lengths", "1,64"], "at least 2"),
