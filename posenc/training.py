@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import iter_encoded, load_corpus, pack, split_documents
+from .io import check_writable_dir, write_json
 from .specs import parse_spec
 
 __all__ = ["FinetuneArgs", "FinetuneError", "finetune", "lr_factor", "flops_per_token", "matmul_parameters",
@@ -227,14 +228,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def _digest(*tensors: torch.Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -349,7 +342,7 @@ class _Output:
         return os.path.join(self.checkpoint_dir, names[-1]) if names else None
 
     def check(self, resume: bool) -> None:
-        """FinetuneError when the directory cannot take this run (read-only checks, every process)."""
+        """FinetuneError when the directory cannot take this run (creates nothing; every process)."""
         p = self.path
         if resume:
             if not os.path.isfile(self.file(RUN_NAME)):
@@ -359,39 +352,26 @@ class _Output:
             if self.latest_checkpoint() is None:
                 raise FinetuneError(f"--resume: {p} has no checkpoint yet; start the run again without --resume "
                                     "in an empty directory")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise FinetuneError(f"output directory {p} is not writable")
-            return
-        if os.path.exists(p):
-            if not os.path.isdir(p):
-                raise FinetuneError(f"output {p} exists and is not a directory")
+        elif os.path.isdir(p):
             entries = os.listdir(p)
             if RUN_NAME in entries or CHECKPOINTS in entries:
                 raise FinetuneError(f"output directory {p} already holds a run; pass --resume to continue it, "
                                     "or choose another directory")
             if entries:
                 raise FinetuneError(f"output directory {p} is not empty; choose a new or empty directory")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise FinetuneError(f"output directory {p} is not writable")
-            return
-        parent = os.path.dirname(p)
-        while parent and not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            raise FinetuneError(f"cannot create output directory {p}: {parent} is not a writable directory")
+        try:
+            check_writable_dir(p, "--output")
+        except ValueError as e:
+            raise FinetuneError(str(e)) from None
 
     def claim(self) -> None:
-        """Create the directory and prove it takes files (main process)."""
+        """Create the directory (main process)."""
         try:
             if not os.path.isdir(self.path):
                 os.makedirs(self.path)
                 self.created_dir = True
-            probe = self.file(f".probe-{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("")
-            os.remove(probe)
         except OSError as e:
-            raise FinetuneError(f"cannot write to output directory {self.path}: {e.strerror or e}") from None
+            raise FinetuneError(f"--output: cannot create {self.path}: {e.strerror or e}") from None
 
     def discard(self) -> None:
         """Remove what this run wrote (called when it fails before its first checkpoint)."""
@@ -590,9 +570,8 @@ class _Run:
         torch.save(self._rng_state(), os.path.join(tmp, f"rng-{procs.rank}.pt"))
         procs.barrier()
         if procs.main:
-            _write_json_atomic(os.path.join(tmp, "trainer.json"),
-                               {"step": step, "scheduler": self.scheduler.state_dict(), "world_size": procs.world,
-                                "identity": self.identity})
+            write_json({"step": step, "scheduler": self.scheduler.state_dict(), "world_size": procs.world,
+                        "identity": self.identity}, os.path.join(tmp, "trainer.json"))
             final = os.path.join(out.checkpoint_dir, name)
             os.replace(tmp, final)
             out.checkpointed = True
@@ -801,7 +780,7 @@ class _Run:
         }
         if procs.main:
             self._save_model(model)
-            _write_json_atomic(out.file(RECORD_NAME), record)
+            write_json(record, out.file(RECORD_NAME))
             shutil.rmtree(out.checkpoint_dir, ignore_errors=True)  # a finished run is not resumed
             print(f"finetune: wrote {out.path} (train loss {record['final']['train_loss']}, held-out loss "
                   f"{record['final']['eval_loss']})", file=sys.stderr)
@@ -877,7 +856,7 @@ def finetune(args: FinetuneArgs, *, stop_after: int | None = None) -> dict:
         if procs.main and not args.resume:
             out.claim()
             try:
-                _write_json_atomic(out.file(RUN_NAME), {"identity": run.identity, "args": dataclasses.asdict(args)})
+                write_json({"identity": run.identity, "args": dataclasses.asdict(args)}, out.file(RUN_NAME))
             except OSError as e:
                 raise FinetuneError(f"cannot write {out.file(RUN_NAME)}: {e.strerror or e}") from None
             out.written.append(out.file(RUN_NAME))

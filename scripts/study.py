@@ -19,15 +19,13 @@ import math
 import os
 import random
 import sys
-import tempfile
+
+from posenc.io import atomic_write, save_png, write_json
 
 
 def _atomic_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- prepare
@@ -66,7 +64,7 @@ def prepare(args) -> None:
               "moved_long_documents": [corpus.names[i] for i in moved],
               "rule": "held out: posenc.data.split_documents(held_out=0.1, seed=0), plus a seeded half "
                       f"(seed {args.seed}) of the other documents of >= {args.long} tokens"}
-    _atomic_text(os.path.join(args.work, "prepare.json"), json.dumps(record, indent=1) + "\n")
+    write_json(record, os.path.join(args.work, "prepare.json"))
     print(f"prepare: {name} -> {base}; train {len(train)} documents ({record['train_tokens']:,} tokens), held out "
           f"{len(held)} ({record['heldout_tokens']:,} tokens, {record['heldout_long_documents']} of >= {args.long})",
           file=sys.stderr)
@@ -199,12 +197,8 @@ def plot(study: dict, path: str) -> None:
     axes[0].legend(fontsize=6, ncol=2)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def report(args) -> None:
@@ -216,7 +210,7 @@ def report(args) -> None:
     if os.path.isfile(prepared):
         study["prepare"] = _load_json(prepared)
     slim = dict(study, rows=[{k: v for k, v in r.items() if k != "log"} for r in study["rows"]])
-    _atomic_text(os.path.join(args.out, "study.json"), json.dumps(slim, indent=1, default=str) + "\n")
+    write_json(slim, os.path.join(args.out, "study.json"), default=str)
     text = tables(study)
     _atomic_text(os.path.join(args.out, "study.md"), text)
     plot(study, os.path.join(args.out, "study.png"))

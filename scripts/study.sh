@@ -34,7 +34,7 @@ DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bfloat16}
 LONGEST=${LENGTHS##*,}
 DOCS=()
 [ -n "${MAX_DOCUMENTS:-}" ] && DOCS=(--max-documents "$MAX_DOCUMENTS")
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 exec 2> >(tee "$OUT/study.log" >&2)
 t0=$(date +%s)
 stage() { echo "=== $* (at $(( $(date +%s) - t0 )) s)" >&2; }

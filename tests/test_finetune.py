@@ -249,7 +249,7 @@ def test_unusable_output_exits_2(text_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
-    for target, words in ((tmp_path / "file" / "run", "not a writable directory"), (tmp_path / "file", "not a directory"),
+    for target, words in ((tmp_path / "file" / "run", "is not a directory"), (tmp_path / "file", "not a directory"),
                           (tmp_path / "full", "not empty")):
         code, err = run_cli(cli_args(text_dir, target, "--encoding", "nope"), capsys)
         assert code == 2 and len(err) == 1 and words in err[0], err
