@@ -25,7 +25,8 @@ def parser(description: str) -> argparse.ArgumentParser:
                    "numbers it prints are not the result")
     p.add_argument("--json", metavar="PATH", help="write the results here (JSON)")
     p.add_argument("--plot", metavar="PATH.png", help="write the figure here (PNG, needs matplotlib)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: these models are tiny, and a "
+                   "second thread mostly waits on the first, badly so on a shared machine)")
     return p
 
 
