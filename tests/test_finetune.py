@@ -197,20 +197,30 @@ def test_compiled_layers_hold_the_rotary_op(text_dir, tmp_path):
 # ------------------------------------------------------------------------------------------- 2 processes
 def test_two_gloo_processes_equal_one(text_dir, tmp_path):
     """DDP (1 row x 2 accumulation steps per process) and FSDP2 (2 rows per process) on two gloo processes
-    give one process's losses (4 rows per step) and save its weights."""
-    one = args_for(text_dir, tmp_path / "one", steps=3)
+    give one process's losses (4 rows per step) and save its weights; an FSDP2 run interrupted after its
+    sharded checkpoint (torch.distributed.checkpoint) and resumed equals the uninterrupted one."""
+    one = args_for(text_dir, tmp_path / "one", steps=4)
     finetune(one)
+    fsdp = dict(vars(one), batch_size=2, fsdp=True, save_every=2)
+    finetune(args_for(text_dir, tmp_path / "one-then-two", steps=4, save_every=2), stop_after=2)
     runs = {"ddp": dict(vars(one), output=str(tmp_path / "ddp"), batch_size=1, grad_accum=2),
-            "fsdp": dict(vars(one), output=str(tmp_path / "fsdp"), batch_size=2, fsdp=True)}
+            "fsdp": dict(fsdp, output=str(tmp_path / "fsdp")),
+            # Begun on one process, resumed on two (the checkpoint resharded by torch.distributed.checkpoint).
+            "one-then-two": dict(fsdp, output=str(tmp_path / "one-then-two"), resume=True)}
+    resumed = [dict(fsdp, output=str(tmp_path / "fsdp-resumed"), stop_after=2),
+               dict(fsdp, output=str(tmp_path / "fsdp-resumed"), resume=True)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           os.path.join(HERE, "finetune_worker.py"), json.dumps(list(runs.values()))],
+                           os.path.join(HERE, "finetune_worker.py"), json.dumps(list(runs.values()) + resumed)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(tmp_path / "fsdp-resumed" / "log.jsonl") == losses(tmp_path / "fsdp" / "log.jsonl")
+    a, b = weights(tmp_path / "fsdp"), weights(tmp_path / "fsdp-resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     ref, ref_w = losses(tmp_path / "one" / "log.jsonl"), weights(tmp_path / "one")
     for name in runs:
         record = json.loads((tmp_path / name / "finetune.json").read_text())
-        assert record["world_size"] == 2 and record["parallel"] == {"ddp": "ddp", "fsdp": "fsdp2"}[name]
+        assert record["world_size"] == 2 and record["parallel"] == ("ddp" if name == "ddp" else "fsdp2")
         got = losses(tmp_path / name / "log.jsonl")
         worst = max(abs(x - y) / abs(y) for x, y in zip(got, ref))
         print(f"{name}: losses {got} vs one process {ref}: max relative difference {worst:.2e}")
