@@ -776,6 +776,8 @@ class _Run:
                       "mfu_h200": (tokens_per_s * self.flops / (H200_BF16_PEAK_FLOPS * procs.world)
                                    if tokens_per_s and procs.device.type == "cuda" else None)},
             "rotary_backend": _rotary_backend(procs.device),
+            "peak_memory_gib": (torch.cuda.max_memory_allocated(procs.device) / 2**30
+                                if procs.device.type == "cuda" else None),
             "versions": _versions(),
         }
         if procs.main:

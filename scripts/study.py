@@ -213,7 +213,8 @@ def report(args) -> None:
     write_json(slim, os.path.join(args.out, "study.json"), default=str)
     text = tables(study)
     _atomic_text(os.path.join(args.out, "study.md"), text)
-    plot(study, os.path.join(args.out, "study.png"))
+    if not args.no_plot:
+        plot(study, os.path.join(args.out, "study.png"))
     print(text)
 
 
@@ -234,6 +235,7 @@ def main(argv=None) -> int:
     r.add_argument("--work", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--runs", required=True, help="comma-separated run names (ft-NAME, eval-after-NAME.json)")
+    r.add_argument("--no-plot", action="store_true", help="tables and JSON only")
     r.set_defaults(func=report)
     args = p.parse_args(argv)
     args.func(args)

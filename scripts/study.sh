@@ -13,7 +13,8 @@
 #   OUT=/tmp/out bash scripts/study.sh
 # Knobs (environment): MODEL (smollm2), STEPS (150), BATCH (4 rows of SEQ tokens per step), SEQ (4096), LR (3e-4),
 # WARMUP (15), LENGTHS (1024,2048,4096,8192,16384), MAX_WINDOWS (4), TRIALS (4), DEPTHS (0,0.5,1), RUNS (all six),
-# DEVICE (cuda), DTYPE (bfloat16), BUILD=1 builds the CUDA op in place first (minutes; without it patched layers
+# DEVICE (cuda), DTYPE (bfloat16), DEADLINE_S (570: no run is started that would end later; the tables are
+# rewritten after every run, so a machine with a 10-minute limit still returns the runs done), BUILD=1 builds the CUDA op in place first (minutes; without it patched layers
 # run the reference op). A CPU check of the plumbing at toy scale:
 #   OUT=/tmp/o MODEL=tiny-llama DEVICE=cpu DTYPE=float32 SEQ=64 STEPS=3 BATCH=2 WARMUP=1 LENGTHS=64,128 \
 #     MAX_WINDOWS=2 TRIALS=1 MAX_DOCUMENTS=80 bash scripts/study.sh
@@ -31,6 +32,7 @@ LENGTHS=${LENGTHS:-1024,2048,4096,8192,16384}
 MAX_WINDOWS=${MAX_WINDOWS:-4}; TRIALS=${TRIALS:-4}; DEPTHS=${DEPTHS:-0,0.5,1}
 RUNS=${RUNS:-original rope hope prope_0.75 prope_0.25 nope}
 DEVICE=${DEVICE:-cuda}; DTYPE=${DTYPE:-bfloat16}
+DEADLINE_S=${DEADLINE_S:-570}
 LONGEST=${LENGTHS##*,}
 DOCS=()
 [ -n "${MAX_DOCUMENTS:-}" ] && DOCS=(--max-documents "$MAX_DOCUMENTS")
@@ -58,16 +60,29 @@ EVAL=(--lengths "$LENGTHS" --text-file "$WORK/heldout" --max-windows "$MAX_WINDO
 stage "eval before: $specs"
 "$PYTHON" -m posenc eval "$WORK/base" --encoding "$specs" "${EVAL[@]}" --json "$WORK/eval-before.json" >&2
 
+done_runs=""; last=0
 for run in $RUNS; do
   spec=${run/_/:}
+  # Stop before a run that would not finish by DEADLINE_S (a run takes about as long as the one before), so
+  # that the report of the runs done still comes back from a machine with a time limit.
+  now=$(( $(date +%s) - t0 ))
+  if [ $(( now + last + 20 )) -gt "$DEADLINE_S" ]; then
+    stage "skipping $spec and the runs after it: $now s gone, the last run took $last s, deadline $DEADLINE_S s"
+    break
+  fi
+  run_start=$(date +%s)
   stage "finetune $spec ($STEPS steps x $BATCH rows x $SEQ tokens)"
   "$PYTHON" -m posenc finetune "$WORK/base" --encoding "$spec" --output "$WORK/ft-$run" --text-file "$WORK/train" \
     --seq-len "$SEQ" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --warmup "$WARMUP" --save-every 0 \
     --eval-rows 8 --device "$DEVICE" --dtype "$DTYPE"
   stage "eval after $spec"
   "$PYTHON" -m posenc eval "$WORK/ft-$run" --encoding original "${EVAL[@]}" --json "$WORK/eval-after-$run.json" >&2
+  done_runs="$done_runs${done_runs:+,}$run"
+  last=$(( $(date +%s) - run_start ))
+  # The tables of the runs so far (no plot: quick), in case the machine's time runs out.
+  "$PYTHON" scripts/study.py report --work "$WORK" --out "$OUT" --runs "$done_runs" --no-plot > /dev/null
 done
 
 stage report
-"$PYTHON" scripts/study.py report --work "$WORK" --out "$OUT" --runs "$(echo $RUNS | tr ' ' ',')"
+"$PYTHON" scripts/study.py report --work "$WORK" --out "$OUT" --runs "$done_runs"
 stage done
