@@ -123,7 +123,8 @@ class FinetuneArgs:
                 raise ValueError(f"{name} must be a {'positive' if name in positive else 'non-negative'} integer, "
                                  f"got {value!r}")
         if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2 (a row predicts its tokens after the first), got {self.seq_len}")
+            raise ValueError(f"seq_len must be at least 2 (a row predicts its tokens after the first), "
+                             f"got {self.seq_len}")
         for name, low in (("lr", 0.0), ("weight_decay", None), ("max_grad_norm", None), ("lora_alpha", 0.0)):
             value = getattr(self, name)
             if value is None and name in ("lr", "lora_alpha"):
@@ -146,6 +147,9 @@ class FinetuneArgs:
             raise ValueError(f"compile must be a torch.compile backend name or None, got {self.compile!r}")
         if self.device is not None and torch.device(self.device).type not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.text_file is not None and not os.path.exists(self.text_file):
+            raise ValueError(f"text_file (--text-file) {self.text_file} does not exist (give a text file or a "
+                             "directory of text files)")
         if self.warmup > self.steps:
             raise ValueError(f"warmup ({self.warmup} steps) is longer than the run ({self.steps} steps)")
         return parse_spec(self.encoding)
@@ -487,7 +491,10 @@ class _Run:
             raise FinetuneError(str(e)) from None
         self.tokenizer, self.name = tokenizer, name
         self.config = model.config
-        self.data = _build_data(args, tokenizer, model.config.vocab_size, self.global_batch)
+        try:
+            self.data = _build_data(args, tokenizer, model.config.vocab_size, self.global_batch)
+        except ValueError as e:  # no text read, too little of it
+            raise FinetuneError(str(e)) from None
         self.matmul = matmul_parameters(model)
         torch.manual_seed(args.seed)  # LoRA's initial weights: the same on every process
         model, self.lora_config = _with_lora(model, args)
