@@ -96,7 +96,7 @@ def collect(work: str, runs: list[str]) -> dict:
         ft_dir = os.path.join(work, f"ft-{run}")
         record = _load_json(os.path.join(ft_dir, "finetune.json"))
         after = _load_json(os.path.join(work, f"eval-after-{run}.json"))
-        assert len(after["results"]) == 1, f"eval-after-{run}.json should hold one encoding"
+        assert [r["encoding"] for r in after["results"]] == [spec], f"eval-after-{run}.json should hold {spec} only"
         with open(os.path.join(ft_dir, "log.jsonl")) as f:
             log = [json.loads(line) for line in f if line.strip()]
         ppl_b, acc_b = _by_length(before_by_spec[spec])

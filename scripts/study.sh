@@ -76,7 +76,9 @@ for run in $RUNS; do
     --seq-len "$SEQ" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --warmup "$WARMUP" --save-every 0 \
     --eval-rows 8 --device "$DEVICE" --dtype "$DTYPE"
   stage "eval after $spec"
-  "$PYTHON" -m posenc eval "$WORK/ft-$run" --encoding original "${EVAL[@]}" --json "$WORK/eval-after-$run.json" >&2
+  # The run's own spec, not `original`: patching again with it gives the trained encoding whether or not eval
+  # keeps a loaded patch for `original` (on 2026-12-02 run_eval's up-front check left the model unpatched).
+  "$PYTHON" -m posenc eval "$WORK/ft-$run" --encoding "$spec" "${EVAL[@]}" --json "$WORK/eval-after-$run.json" >&2
   done_runs="$done_runs${done_runs:+,}$run"
   last=$(( $(date +%s) - run_start ))
   # The tables of the runs so far (no plot: quick), in case the machine's time runs out.
