@@ -19,6 +19,10 @@
 namespace posenc {
 
 constexpr int kMaxHeadDim = 512;
+// The largest |position * inv_freq| the op forms accurately, 2^28 (posenc.ops.MAX_ANGLE). The float64 product
+// and reduction err by up to ~2.6e-16 * |angle|: 7e-8 at 2^28, below the float32 rounding of the reduced angle
+// (1.2e-7), but 4.6e-7 (measured) at 2^32 and 0.13 at 2^50; past 2^53 an angle has no fractional bits left.
+constexpr double kMaxAngle = 268435456.0;
 
 struct RotaryTensor {
   void* data;
@@ -34,12 +38,14 @@ struct RotaryParams {
   // Angle source, exactly one of:
   //  - tables: float32 cos/sin [table_rows, >= rotated_pairs], row stride table_stride, indexed by position
   //  - inv_freq: float64 [>= rotated_pairs]; angle = position * inv_freq formed and reduced mod 2*pi in
-  //    float64 before a float32 sin/cos, so it stays accurate at any position.
+  //    float64 before a float32 sin/cos. Accurate for |angle| <= kMaxAngle (below): the CPU launcher refuses
+  //    larger angles; the CUDA one computes them all the same way (checking would need a host sync).
   const float* cos;
   const float* sin;
   int64_t table_rows, table_stride;
   const double* inv_freq;
-  float scale;  // multiplies cos and sin (YaRN / LongRoPE attention scaling); 1 otherwise
+  float scale;     // multiplies cos and sin (YaRN / LongRoPE attention scaling); 1 otherwise
+  double scale64;  // the same, unrounded, for float64 data (gradcheck)
   int rotary_dim, rotated_pairs;
   bool interleaved, inverse, inplace;
 };
@@ -47,8 +53,13 @@ struct RotaryParams {
 // The attention scale on cos and sin, and the sign of sin for the inverse map.
 template <typename Acc>
 POSENC_HD void scale_cos_sin(const RotaryParams& p, Acc& c, Acc& s) {
-  c *= p.scale;
-  s *= p.inverse ? -p.scale : p.scale;
+  if constexpr (sizeof(Acc) == sizeof(double)) {
+    c *= p.scale64;
+    s *= p.inverse ? -p.scale64 : p.scale64;
+  } else {
+    c *= p.scale;
+    s *= p.inverse ? -p.scale : p.scale;
+  }
 }
 
 // cos/sin of the angle pos * w, w being a pair's frequency (inv_freq mode), scaled as above: the angle is

@@ -4,9 +4,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -215,11 +219,7 @@ void rotate_tokens(const RotaryParams& p, int64_t begin, int64_t end) {
   Acc c[kMaxHeadDim / 2], s[kMaxHeadDim / 2], buf[kMaxHeadDim];
   for (int64_t tok = begin; tok < end; ++tok) {
     const int64_t b = tok / p.seqlen, t = tok % p.seqlen;
-    const int64_t pos = p.positions[b * p.pos_stride[0] + t * p.pos_stride[1]];
-    if (p.inv_freq == nullptr) {
-      TORCH_CHECK_INDEX(pos >= 0 && pos < p.table_rows, "posenc::rotary: position ", pos,
-                        " is outside the cos/sin table of ", p.table_rows, " rows");
-    }
+    const int64_t pos = p.positions[b * p.pos_stride[0] + t * p.pos_stride[1]];  // checked by check_positions
     for (int i = 0; i < p.rotated_pairs; ++i) pair_cos_sin(p, pos, i, c[i], s[i]);
     rotate_heads<T, kF16C>(p, p.q_in, p.q_out, b, t, c, s, buf);
     rotate_heads<T, kF16C>(p, p.k_in, p.k_out, b, t, c, s, buf);
@@ -269,7 +269,40 @@ void rotary_cpu_kernel(const RotaryParams& p) {
   });
 }
 
+// Positions are checked here, before the token loops: those are multiversioned (target_clones), and an exception
+// thrown inside them cannot unwind (it aborted the process). Table mode: every position must index a row.
+// Frequency mode: |position * inv_freq| must stay within kMaxAngle, where the angles are accurate (rotary.h).
+void check_positions(const RotaryParams& p) {
+  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  for (int64_t b = 0; b < (p.pos_stride[0] == 0 ? 1 : p.batch); ++b) {
+    for (int64_t t = 0; t < p.seqlen; ++t) {
+      const int64_t pos = p.positions[b * p.pos_stride[0] + t * p.pos_stride[1]];
+      lo = std::min(lo, pos);
+      hi = std::max(hi, pos);
+    }
+  }
+  if (lo > hi) return;  // no tokens
+  if (p.inv_freq == nullptr) {
+    TORCH_CHECK_INDEX(lo >= 0 && hi < p.table_rows, "posenc::rotary: positions must lie in [0, ", p.table_rows,
+                      ") (the rows of the cos/sin tables), got values in [", lo, ", ", hi,
+                      "]; pass tables with more rows or positions within them");
+    return;
+  }
+  double w_max = 0;
+  for (int i = 0; i < p.rotated_pairs; ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(p.inv_freq[i]), "posenc::rotary: inv_freq must be finite, got ", p.inv_freq[i],
+                      " at ", i);
+    w_max = std::max(w_max, std::abs(p.inv_freq[i]));
+  }
+  const double pos_max = std::max(std::abs(static_cast<double>(lo)), std::abs(static_cast<double>(hi)));
+  TORCH_CHECK_VALUE(pos_max * w_max <= kMaxAngle, "posenc::rotary: positions up to |", pos_max,
+                    "| with inv_freq up to ", w_max, " give angles beyond ", kMaxAngle,
+                    " (2^28), where they are no longer accurate; keep |positions| * max(inv_freq) <= 2^28 ",
+                    "(|positions| <= 2^28 for inv_freq <= 1)");
+}
+
 void launch_cpu(const RotaryParams& p, at::ScalarType dtype) {
+  check_positions(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "posenc_rotary_cpu",
                                   [&] { rotary_cpu_kernel<scalar_t>(p); });
 }
@@ -283,3 +316,46 @@ TORCH_LIBRARY_IMPL(posenc, CPU, m) {
   m.impl("rotary", &posenc::rotary_cpu);
   m.impl("rotary_", &posenc::rotary_cpu_);
 }
+
+// posenc::rotary_ and autograd, for every device (here rather than in ops.cpp, which the CUDA emulator compiles
+// too). Autograd: the op cannot record its write for autograd by itself, so with grad enabled it refuses q or k
+// that require grad (posenc.apply_rotary(..., inplace=True) records it). ADInplaceOrView: the write moves q's
+// and k's version counters, so that a backward needing their old values raises instead of reading new ones.
+namespace posenc {
+namespace {
+
+using InplaceSig = void(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
+                        double, int64_t, int64_t, bool, bool);
+
+const c10::TypedOperatorHandle<InplaceSig>& inplace_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("posenc::rotary_", "").typed<InplaceSig>();
+  return op;
+}
+
+void rotary_autograd_(c10::DispatchKeySet ks, const at::Tensor& q, const at::Tensor& k,
+                      const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                      const std::optional<at::Tensor>& inv_freq, const at::Tensor& positions, double scale,
+                      int64_t rotary_dim, int64_t rotated_pairs, bool interleaved, bool inverse) {
+  TORCH_CHECK_VALUE(!(c10::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad())),
+                    "posenc::rotary_: q or k requires grad, and the op cannot record an in-place write for autograd; "
+                    "use posenc.apply_rotary(..., inplace=True), which does, or the out-of-place posenc::rotary");
+  inplace_op().redispatch(ks & c10::after_autograd_keyset, q, k, cos, sin, inv_freq, positions, scale, rotary_dim,
+                          rotated_pairs, interleaved, inverse);
+}
+
+void rotary_inplace_or_view_(c10::DispatchKeySet ks, const at::Tensor& q, const at::Tensor& k,
+                             const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                             const std::optional<at::Tensor>& inv_freq, const at::Tensor& positions, double scale,
+                             int64_t rotary_dim, int64_t rotated_pairs, bool interleaved, bool inverse) {
+  inplace_op().redispatch(ks & c10::after_ADInplaceOrView_keyset, q, k, cos, sin, inv_freq, positions, scale,
+                          rotary_dim, rotated_pairs, interleaved, inverse);
+  torch::autograd::impl::bump_version(q);
+  torch::autograd::impl::bump_version(k);
+}
+
+}  // namespace
+}  // namespace posenc
+
+TORCH_LIBRARY_IMPL(posenc, Autograd, m) { m.impl("rotary_", TORCH_FN(posenc::rotary_autograd_)); }
+TORCH_LIBRARY_IMPL(posenc, ADInplaceOrView, m) { m.impl("rotary_", TORCH_FN(posenc::rotary_inplace_or_view_)); }

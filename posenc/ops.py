@@ -8,8 +8,10 @@ One op rotates q and k together (one launch), in two registered forms:
 
 q, k: [batch, seq, heads, head_dim], any strides. positions: int64 [batch, seq] (batch stride may be 0).
 The angle of pair i at position m comes from float32 tables (cos[m, i], sin[m, i]) or from float64 inverse
-frequencies (m * inv_freq[i], reduced modulo 2*pi in float64 before a float32 sin/cos). `rotated_pairs`
-pairs (from the fastest) rotate; the others are copied out of place and left untouched in place.
+frequencies (m * inv_freq[i], reduced modulo 2*pi in float64 before a float32 sin/cos; accurate while
+|m * inv_freq[i]| <= MAX_ANGLE = 2^28). `rotated_pairs` pairs (from the fastest) rotate; the others are copied
+out of place and left untouched in place. In place, q and k must not share memory with each other or with
+the other arguments, nor have elements that share memory (expand()): the op refuses such inputs.
 Arithmetic is float32 for float32/16/bf16 storage (float64 for float64, which gradcheck uses).
 
 `rotary_reference` below is the specification: the C++ (CPU) and CUDA kernels in csrc/ are tested against it,
@@ -24,9 +26,13 @@ import warnings
 
 import torch
 
-__all__ = ["apply_rotary", "rotary_reference", "backend", "MAX_HEAD_DIM"]
+__all__ = ["apply_rotary", "rotary_reference", "backend", "MAX_HEAD_DIM", "MAX_ANGLE"]
 
 MAX_HEAD_DIM = 512
+# The largest |position * inv_freq| whose angle the op forms accurately (csrc/rotary.h, kMaxAngle): float64
+# forming and reduction err by up to ~2.6e-16 * |angle|, below float32's own rounding up to here.
+MAX_ANGLE = 2**28
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # of q and k
 _ARGS = ("Tensor? cos, Tensor? sin, Tensor? inv_freq, Tensor positions, float scale, int rotary_dim, "
          "int rotated_pairs, bool interleaved, bool inverse")
 
@@ -41,7 +47,8 @@ def reference_cos_sin(cos, sin, inv_freq, positions, scale, rotated_pairs, inver
     n = rotated_pairs
     if inv_freq is not None:
         angle = positions.to(torch.float64)[..., None] * inv_freq[:n].to(torch.float64)
-        angle = angle - 2 * math.pi * torch.round(angle / (2 * math.pi))
+        # the kernels' roundings exactly: a multiplication by 1/(2*pi), not a division
+        angle = angle - 2 * math.pi * torch.round(angle * (1 / (2 * math.pi)))
         angle = angle.to(acc_dtype)
         c, s = torch.cos(angle), torch.sin(angle)
     else:
@@ -72,7 +79,71 @@ def rotary_reference(q, k, cos, sin, inv_freq, positions, scale, rotary_dim, rot
     return rotate(q), rotate(k)
 
 
+def _distinct_elements(sizes, strides):
+    """A sufficient test that distinct indices of a strided view reach distinct elements (csrc/ops.cpp)."""
+    if 0 in sizes:
+        return True
+    span = 1
+    for stride, size in sorted((st, n) for n, st in zip(sizes, strides) if n > 1):
+        if stride < span:
+            return False
+        span += (size - 1) * stride
+    return True
+
+
+def _extent(t):
+    if t.numel() == 0:
+        return 0, 0
+    lo = t.data_ptr()
+    return lo, lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _extents_meet(a, b):
+    (alo, ahi), (blo, bhi) = _extent(a), _extent(b)
+    return alo < ahi and blo < bhi and alo < bhi and blo < ahi
+
+
+def _disjoint(q, k):
+    """q and k proven to share no element, by the rule of csrc/ops.cpp (`disjoint`)."""
+    if not _extents_meet(q, k):
+        return True
+    a, b = (q, k) if k.data_ptr() >= q.data_ptr() else (k, q)
+    gap, rem = divmod(b.data_ptr() - a.data_ptr(), a.element_size())
+    if rem:
+        return False
+    if any(n > 1 and m > 1 and s != t for n, m, s, t in zip(a.shape, b.shape, a.stride(), b.stride())):
+        return False
+    sizes = [max(n, m) for n, m in zip(a.shape, b.shape)]
+    strides = [s if n > 1 else t for n, s, t in zip(a.shape, a.stride(), b.stride())]
+    for d in range(4):
+        for stride in {strides[d], strides[d] if sizes[d] > 1 else a.stride(d)}:
+            if stride > 0 and gap % stride == 0 and gap // stride >= a.shape[d]:
+                span = sizes.copy()
+                span[d] = gap // stride + b.shape[d]
+                if _distinct_elements(span, strides[:d] + [stride] + strides[d + 1:]):
+                    return True
+    return False
+
+
+def _check_no_overlap(q, k, cos, sin, inv_freq, positions):
+    """The in-place op's refusals of shared memory, as csrc/ops.cpp words them (the reference's in-place form)."""
+    for name, t in (("q", q), ("k", k)):
+        if not _distinct_elements(t.shape, t.stride()):
+            raise ValueError(f"posenc::rotary_: {name} has (or may have) elements that share memory (strides "
+                             f"{list(t.stride())}, e.g. from expand()), which an in-place rotation would rotate "
+                             f"more than once; pass {name}.contiguous() (or clone()) or rotate out of place")
+    if not _disjoint(q, k):
+        raise ValueError("posenc::rotary_: q and k share (or may share) memory (the same tensor, or overlapping "
+                         "views), which an in-place rotation would rotate twice; pass separate tensors (clone() "
+                         "one) or rotate out of place")
+    for t in (cos, sin, inv_freq, positions):
+        if t is not None and (_extents_meet(t, q) or _extents_meet(t, k)):
+            raise ValueError("posenc::rotary_: the cos/sin tables, inv_freq or positions share memory with q or "
+                             "k, which an in-place rotation writes; clone() them")
+
+
 def _reference_inplace(q, k, *args):
+    _check_no_overlap(q, k, *args[:4])
     q_out, k_out = rotary_reference(q, k, *args)
     q.copy_(q_out)
     k.copy_(k_out)
@@ -106,6 +177,17 @@ for _key, _has in (("CPU", _HAS_CPU_KERNEL), ("CUDA", _HAS_CUDA_KERNEL)):
     if not _has:  # the reference serves wherever no compiled kernel was registered
         _lib.impl("rotary", rotary_reference, _key)
         _lib.impl("rotary_", _reference_inplace, _key)
+
+
+if not _EXTENSION:  # what posenc._C registers in C++ for posenc::rotary_ (csrc/rotary_cpu.cpp), for the reference
+    def _rotary_inplace_autograd(keyset, q, k, *rest):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            raise ValueError("posenc::rotary_: q or k requires grad, and the op cannot record an in-place write for "
+                             "autograd; use posenc.apply_rotary(..., inplace=True), which does, or posenc::rotary")
+        torch.ops.posenc.rotary_.default.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, q, k, *rest)
+        torch.autograd.graph.increment_version((q, k))
+
+    _lib.impl("rotary_", _rotary_inplace_autograd, "Autograd", with_keyset=True)
 
 
 def backend(device: str | torch.device = "cpu") -> str:
@@ -149,21 +231,42 @@ def _backward(ctx, grad_q, grad_k):
 torch.library.register_autograd("posenc::rotary", _backward, setup_context=_setup_context)
 
 
+def _rotate_grad(ctx, grad):
+    """The backward of one tensor's rotation: the opposite rotation (k with no heads)."""
+    return torch.ops.posenc.rotary(grad, grad[:, :, :0], *ctx.rest, not ctx.inverse)[0]
+
+
 class _RotaryInplace(torch.autograd.Function):
-    """In-place rotation inside autograd: marks q and k dirty (version bump) so autograd sees the write."""
+    """In-place rotation inside autograd, in two nodes. Autograd lets a Function that writes into a view return
+    one tensor only, and q and k are views more often than not (q_proj(x).view(...), slices of a packed qkv,
+    layout="bhsd" or cu_seqlens): this one runs the fused op on both (one launch, the op's checks on the pair)
+    and declares q's write (mark_dirty: version bump, history rebased); _RotatedInplace then declares k's. k
+    goes in detached, so that q's node has q alone as its input."""
 
     @staticmethod
-    def forward(ctx, q, k, *rest):
-        torch.ops.posenc.rotary_(q, k, *rest)
-        ctx.mark_dirty(q, k)
-        ctx.rest = rest[:-1]
-        ctx.inverse = rest[-1]
-        return q, k
+    def forward(ctx, q, k_detached, *rest):
+        torch.ops.posenc.rotary_(q, k_detached, *rest)
+        ctx.mark_dirty(q)
+        ctx.rest, ctx.inverse = rest[:-1], rest[-1]
+        return q
 
     @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        grad_q, grad_k = torch.ops.posenc.rotary(grad_q, grad_k, *ctx.rest, not ctx.inverse)
-        return (grad_q, grad_k) + (None,) * 9
+    def backward(ctx, grad):
+        return (_rotate_grad(ctx, grad),) + (None,) * 10
+
+
+class _RotatedInplace(torch.autograd.Function):
+    """Declares the in-place rotation of k that _RotaryInplace has just made (the forward writes nothing)."""
+
+    @staticmethod
+    def forward(ctx, k, *rest):
+        ctx.mark_dirty(k)
+        ctx.rest, ctx.inverse = rest[:-1], rest[-1]
+        return k
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (_rotate_grad(ctx, grad),) + (None,) * 9
 
 
 # ----------------------------------------------------------------------------------------- entry point
@@ -177,8 +280,26 @@ def _tracing() -> bool:
 def _check_tensor(name, t, *, float_only=True):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if float_only and not t.is_floating_point():
         raise TypeError(f"{name} must be a float32, float16 or bfloat16 tensor, got {t.dtype}")
+
+
+def _check_angles(positions, inv_freq, rotated_pairs, bound=None):
+    """Refuses |position * inv_freq| beyond MAX_ANGLE, where the op's angles lose accuracy. Checked where it
+    is cheap: positions known on the host (`bound`: the largest |position|), or held on the CPU."""
+    if _tracing() or (bound is None and positions.device.type != "cpu") or inv_freq.device.type != "cpu":
+        return
+    w = inv_freq[:rotated_pairs].abs().max().item() if rotated_pairs else 0.0
+    if not math.isfinite(w):
+        raise ValueError(f"inv_freq must be finite, got a largest |inv_freq| of {w}")
+    if bound is None:  # (by the extremes: abs() of int64's minimum overflows)
+        bound = max(-int(positions.min()), int(positions.max())) if positions.numel() else 0
+    if bound * w > MAX_ANGLE:
+        raise ValueError(f"positions reach |{bound}|, which with inv_freq up to {w:g} gives angles beyond "
+                         f"MAX_ANGLE = 2^28 = {MAX_ANGLE}, where the op's angles are no longer accurate; keep "
+                         f"|positions| * max(inv_freq) <= 2^28 (|positions| <= 2^28 for inv_freq <= 1)")
 
 
 def _positions_from_cu_seqlens(cu_seqlens, total, device):
@@ -219,15 +340,27 @@ def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, sca
         With positions they are [rows, R] tables indexed by position.
       inv_freq: [rotary_dim/2] inverse frequencies (any float dtype; angles formed in float64).
     positions: int [seq] or [batch, seq] (per-row offsets, left padding, KV-cache decoding); default 0..seq-1,
-      or per-sequence 0..len-1 with cu_seqlens.
+      or per-sequence 0..len-1 with cu_seqlens (given both, the positions are used and cu_seqlens is still
+      validated). With inv_freq, |positions| * max(inv_freq) must stay within MAX_ANGLE = 2^28, where the angles
+      are accurate (checked where cheap: positions on the CPU or the default ones; not under torch.compile).
     scale multiplies cos and sin (YaRN/LongRoPE attention factor). rotary_dim (default head_dim) channels
     take part; the first rotated_pairs (default all) pairs rotate. inplace=True writes into q and k (also
-    inside autograd, which the op's schema and a version bump tell about) and returns them.
+    inside autograd and on views, which the op's schema and a version bump tell about) and returns them; it
+    refuses q and k that share memory with each other or within themselves (expand()).
     """
     _check_tensor("q", q)
     _check_tensor("k", k)
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q and k must be float32, float16 or bfloat16 (or float64), got {q.dtype}; convert "
+                        "them first, e.g. q.to(torch.bfloat16)")
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     if k.device != q.device:
         raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
     if layout not in ("bshd", "bhsd"):
@@ -262,6 +395,9 @@ def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, sca
             if t.is_leaf and t.requires_grad:
                 raise ValueError(f"inplace=True cannot write into {name}: it is a leaf tensor that requires "
                                  "grad; use inplace=False or pass a non-leaf tensor")
+            if not _tracing() and t._base is not None and t._base.is_leaf and t._base.requires_grad:
+                raise ValueError(f"inplace=True cannot write into {name}: it is a view of a leaf tensor that "
+                                 "requires grad; use inplace=False or pass a non-leaf tensor")
 
     device = q.device
     if positions is not None:
@@ -323,9 +459,14 @@ def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, sca
                     raise ValueError(f"positions must lie in [0, {cos.shape[0]}) (the rows of cos/sin), "
                                      f"got values in [{lo}, {hi}]")
 
+    if inv_freq is not None:
+        # default positions are 0..seq-1 (per sequence with cu_seqlens, so at most seq-1 too)
+        _check_angles(positions, inv_freq, rotated_pairs, bound=seq - 1 if positions is None else None)
     if positions is None:
         positions = (_positions_from_cu_seqlens(cu_seqlens, seq, device) if packed
                      else torch.arange(seq, device=device))
+    elif packed and not _tracing():  # the positions given are used; a cu_seqlens that does not fit is an error
+        _positions_from_cu_seqlens(cu_seqlens, seq, device)
     positions = positions.to(torch.int64)
     if positions.dim() == 1:
         positions = positions.unsqueeze(0)
@@ -335,7 +476,8 @@ def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, sca
             bool(inverse))
     if inplace:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-            _RotaryInplace.apply(q4, k4, *args)
+            _RotaryInplace.apply(q4, k4.detach(), *args)
+            _RotatedInplace.apply(k4, *args)
         else:
             torch.ops.posenc.rotary_(q4, k4, *args)
         return q, k

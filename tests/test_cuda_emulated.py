@@ -160,3 +160,34 @@ def test_emulated_kernel_table_positions_out_of_range_give_nan(emu):
     q, k = torch.randn(1, 3, 2, 64), torch.randn(1, 3, 1, 64)
     out = emu.rotary(q, k, cos, sin, None, torch.tensor([[0, 16, 1 << 40]]), 1.0, 64, 32, False, False)
     assert out[0][0, 1:].isnan().all() and not out[0][0, 0].isnan().any()
+
+
+def test_emulated_kernel_agrees_with_reference_at_any_position(emu):
+    """The CUDA kernel cannot refuse angles beyond the accurate range (that would need a host sync), so it must
+    form them as the reference does there too: at 2^40..2^63 a division by 2*pi instead of the multiplication
+    by 1/(2*pi) (as the reference once did) moves the reduced angle by multiples of 2*pi's rounding."""
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    positions = torch.randint(1 << 40, 1 << 62, (2, 60), generator=g)
+    positions[0, :3] = torch.tensor([-(1 << 63), (1 << 63) - 1, -(1 << 50)])
+    q, k = torch.randn(2, 60, 2, 64, generator=g), torch.randn(2, 60, 1, 64, generator=g)
+    for interleaved in (False, True):
+        args = (None, None, masked_inv_freq(64, 32), positions, 1.0, 64, 32, interleaved, False)
+        for got, want, x in zip(emu.rotary(q, k, *args), rotary_reference(q, k, *args), (q, k)):
+            assert_close_to_64(got, want.double(), x, torch.float32, interleaved=interleaved)
+
+
+def test_emulated_kernel_inplace_refuses_shared_memory(emu):
+    """The in-place checks (csrc/ops.cpp) guard the CUDA entry points too."""
+    q = torch.randn(2, 3, 4, 64)
+    args = (None, None, masked_inv_freq(64, 32), torch.arange(3).expand(2, 3), 1.0, 64, 32, False, False)
+    for k in (q, q[:, :, 1:2]):
+        with pytest.raises(ValueError, match="q and k share"):
+            emu.rotary_(q, k, *args)
+    with pytest.raises(ValueError, match="elements that share memory"):
+        emu.rotary_(q[:, :, :1].expand(-1, -1, 4, -1), torch.randn(2, 3, 1, 64), *args)
+    qkv = torch.randn(2, 3, 6, 64)
+    x0 = qkv.clone()
+    want = rotary_reference(qkv[:, :, :4], qkv[:, :, 4:5], *args)
+    emu.rotary_(qkv[:, :, :4], qkv[:, :, 4:5], *args)  # heads of one buffer: separate elements
+    for got, w, x in zip((qkv[:, :, :4], qkv[:, :, 4:5]), want, (x0[:, :, :4], x0[:, :, 4:5])):
+        assert_close_to_64(got, w.double(), x, torch.float32)
