@@ -331,3 +331,57 @@ if given is not None:
     @given(**random_rotation_strategies())
     def test_property_random_shapes_and_strides(**case):
         check_random_rotation(DEV, **case)
+
+
+def test_angles_beyond_the_accurate_range_as_the_reference_forms_them():
+    """On CUDA, positions held on the GPU are not checked against ops.MAX_ANGLE (a host sync): the kernel
+    must then compute what the reference does (the same float64 roundings), up to int64's extremes."""
+    positions = torch.randint(1 << 40, 1 << 62, (2, 64), device=DEV)
+    positions[0, :3] = torch.tensor([-(1 << 63), (1 << 63) - 1, -(1 << 50)], device=DEV)
+    q, k = torch.randn(2, 64, 4, 128, device=DEV), torch.randn(2, 64, 1, 128, device=DEV)
+    for interleaved in (False, True):
+        args = (None, None, masked_inv_freq(128, 64).to(DEV), positions, 1.0, 128, 64, interleaved, False)
+        want = rotary_reference(q.cpu(), k.cpu(), *(a.cpu() if torch.is_tensor(a) else a for a in args))
+        for got, w, x in zip(torch.ops.posenc.rotary(q, k, *args), want, (q, k)):
+            # (CUDA's and the CPU's float32 sin/cos may differ by a few ulp: 4 rounding steps)
+            assert_close_to_64(got.cpu(), w.double(), x.cpu(), torch.float32, interleaved=interleaved, factor=4.0)
+
+
+def test_inplace_refuses_shared_memory_on_cuda():
+    q = torch.randn(2, 5, 4, 64, device=DEV)
+    args = op_args(False)
+    for k in (q, q[:, :, 1:2]):
+        with pytest.raises(ValueError, match="q and k share"):
+            torch.ops.posenc.rotary_(q, k, *args)
+    with pytest.raises(ValueError, match="elements that share memory"):
+        torch.ops.posenc.rotary_(q[:, :, :1].expand(-1, -1, 4, -1), torch.randn(2, 5, 1, 64, device=DEV), *args)
+    qkv = torch.randn(2, 5, 3, 4, 64, device=DEV)  # packed: separate heads, accepted
+    want = torch.ops.posenc.rotary(qkv[:, :, 0], qkv[:, :, 1], *args)
+    torch.ops.posenc.rotary_(qkv[:, :, 0], qkv[:, :, 1], *args)
+    assert torch.equal(qkv[:, :, 0], want[0]) and torch.equal(qkv[:, :, 1], want[1])
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_inplace_inside_autograd_on_views(layout):
+    enc = posenc.HoPE(64, context_length=256)
+    proj = torch.nn.Linear(32, 3 * 4 * 64, device=DEV)
+    x = torch.randn(2, 6, 32, device=DEV)
+    positions = torch.randint(0, 5000, (2, 6), device=DEV)
+
+    def loss(inplace):
+        qkv = proj(x).view(2, 6, 3, 4, 64)
+        q, k = qkv[:, :, 0], qkv[:, :, 1]
+        if layout == "bhsd":
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q2, k2 = enc.apply(q, k, positions, layout=layout, inplace=inplace)
+        return (q2 * torch.arange(64.0, device=DEV)).sum() + k2.square().sum()
+
+    want = torch.autograd.grad(loss(False), proj.weight)[0]
+    torch.testing.assert_close(torch.autograd.grad(loss(True), proj.weight)[0], want)
+
+
+@pytest.mark.parametrize("dtype", [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)])
+def test_float8_type_error(dtype):
+    q = torch.zeros(2, 5, 4, 64, device=DEV, dtype=dtype)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
+        torch.ops.posenc.rotary(q, q.clone(), *op_args(False))

@@ -266,6 +266,35 @@ def test_inplace_on_a_view_of_a_leaf_that_requires_grad_refused():
     assert leaf.grad_fn is None
 
 
+@needs_kernel
+def test_inplace_op_moves_version_counters():
+    """An in-place write of a tensor that autograd saved must make backward raise, not read the new values:
+    the op did not move version counters, so w's gradient below came back silently wrong."""
+    w = torch.randn(2, 3, 2, 16, requires_grad=True)
+    for rotate in (lambda q, k: torch.ops.posenc.rotary_(q, k, *op_args(3)),
+                   lambda q, k: posenc.RoPE(16).apply(q, k, inplace=True)):
+        q, k = torch.randn(2, 3, 2, 16), torch.randn(2, 3, 1, 16)
+        loss = (q * w).sum()  # saves q for w's gradient
+        version = q._version
+        rotate(q, k)
+        assert q._version > version and k._version > 0
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@needs_kernel
+def test_inplace_op_refuses_tensors_that_require_grad():
+    """torch.ops.posenc.rotary_ cannot record its write for autograd (apply_rotary(..., inplace=True) does):
+    under grad mode it refuses q or k that require grad instead of leaving autograd with stale history."""
+    x = torch.randn(2, 3, 2, 16, requires_grad=True)
+    for q in (x, x * 1.0):
+        with pytest.raises(ValueError, match="requires grad"):
+            torch.ops.posenc.rotary_(q, torch.randn(2, 3, 1, 16), *op_args(3))
+    with torch.no_grad():
+        q = x * 1.0
+        torch.ops.posenc.rotary_(q, torch.randn(2, 3, 1, 16), *op_args(3))
+
+
 # ------------------------------------------------------------------------------- 11. very large positions
 def exact_cos_sin(positions, w):
     mpmath = pytest.importorskip("mpmath")
