@@ -38,8 +38,11 @@ from typing import Callable
 import torch
 
 from . import io as _io
+from .encodings import Encoding, get_encoding
+from .specs import EncodingSpec, parse_spec
 
-__all__ = ["Shape", "Case", "PRESETS", "METHODS", "PASSES", "run", "format_table", "write_json", "plot"]
+__all__ = ["Shape", "Case", "BENCH_PRESETS", "PRESETS", "METHODS", "PASSES", "run", "format_table", "write_json",
+           "plot"]
 
 METHODS = ("copy", "posenc", "posenc_tables", "hf_eager", "hf_compile", "liger", "flash_attn")
 PASSES = ("fwd", "fwd_inplace", "fwd+bwd", "decode")
@@ -84,8 +87,8 @@ _GEMMA4 = [Case(GEMMA4_GLOBAL, "prope:0.25", ("fwd_inplace", "fwd"))]
 _DECODE = [Case(DECODE, "rope", ("decode",))]
 BF16 = ["bfloat16"]
 
-# Named runs: keyword arguments for run() (the `posenc bench --preset NAME` CLI passes them through).
-PRESETS = {
+# Named runs: keyword arguments for run(), which takes a name as `shapes` (`posenc bench --preset NAME`).
+BENCH_PRESETS = {
     "gpu": {"shapes": _LLAMA + _GEMMA + _GEMMA4 + _DECODE, "dtypes": BF16},  # default on CUDA
     "llama-8b": {"shapes": _LLAMA, "dtypes": BF16},
     "gemma": {"shapes": _GEMMA, "dtypes": BF16},
@@ -97,6 +100,7 @@ PRESETS = {
     "tiny": {"shapes": [Case(TINY, "rope", ("fwd",))], "dtypes": ["float32"],
              "methods": ["copy", "posenc", "hf_eager"], "warmup": 1, "iters": 3},
 }
+PRESETS = BENCH_PRESETS  # the earlier name
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -136,9 +140,9 @@ def _cases(device, shapes, encodings, passes):
     cases = []
     for s in shapes:
         if isinstance(s, str):
-            if s not in PRESETS:
-                raise ValueError(f"shapes: unknown preset {s!r}; expected one of {', '.join(PRESETS)}")
-            preset = PRESETS[s]
+            if s not in BENCH_PRESETS:
+                raise ValueError(f"shapes: unknown preset {s!r}; expected one of {', '.join(BENCH_PRESETS)}")
+            preset = BENCH_PRESETS[s]
             for key in ("dtypes", "methods", "warmup", "iters"):
                 if key in preset:
                     extra.setdefault(key, preset[key])
@@ -150,12 +154,11 @@ def _cases(device, shapes, encodings, passes):
             default = ("decode",) if shape.seq == 1 else ("fwd",)
             for enc in encodings or ["rope"]:
                 cases.append(Case(shape, enc, tuple(passes or default)))
-    if encodings:
-        names = {e.split(":")[0].lower() for e in encodings}
-        explicit = {e.lower() for e in encodings if ":" in e}
-        cases = [dataclasses.replace(c, encoding=next((e for e in explicit if e.split(":")[0] ==
-                                                       c.encoding.split(":")[0]), c.encoding))
-                 for c in cases if c.encoding.split(":")[0].lower() in names]
+    specs = [_spec(c.encoding) for c in cases]  # a bad encoding is refused before any timing
+    if encodings:  # the cases of these encodings; a value given replaces the case's
+        wanted = {spec.name: spec for spec in map(_spec, encodings)}
+        cases = [c if not wanted[s.name].options else dataclasses.replace(c, encoding=str(wanted[s.name]))
+                 for c, s in zip(cases, specs) if s.name in wanted]
     if passes:
         wanted = [_pass(p) for p in passes]
         cases = [dataclasses.replace(c, passes=tuple(p for p in c.passes if p in wanted) or
@@ -165,18 +168,17 @@ def _cases(device, shapes, encodings, passes):
     return cases, extra
 
 
-def _encoding(spec: str, head_dim: int):
-    import posenc
-    name, _, arg = spec.partition(":")
-    name = name.lower()
-    kw = {}
-    if name in ("prope", "p-rope") and arg:
-        kw["p"] = float(arg)
-    elif name == "hope" and arg:
-        kw["context_length"] = int(arg)
-    elif arg:
-        raise ValueError(f"encodings: {name!r} takes no argument, got {spec!r}")
-    return posenc.get_encoding(name, head_dim=head_dim, **kw)
+def _spec(text: str) -> EncodingSpec:
+    """A case's encoding: an encoding spec (posenc.specs) naming one of posenc's encodings, for every layer."""
+    spec = parse_spec(text)
+    if spec.name == "original" or spec.layers is not None:
+        raise ValueError(f"encodings: the benchmark times rope, prope[:p], hope[:L] or nope, got {text!r}")
+    return spec
+
+
+def _encoding(text: str, head_dim: int) -> Encoding:
+    spec = _spec(text)
+    return get_encoding(spec.name, head_dim=head_dim, **spec.options)
 
 
 # ------------------------------------------------------------------------------------------- methods
@@ -410,7 +412,7 @@ def run(device: str = "cpu", shapes=None, dtypes=None, encodings=None, methods=N
         repeats: int = 5) -> list[dict]:
     """Times every case x dtype x method; returns one dict per row (see the module docstring).
 
-    shapes: a preset name (see PRESETS), or a list of preset names, Case, Shape, dicts of Shape fields or
+    shapes: a preset name (see BENCH_PRESETS), or a list of preset names, Case, Shape, dicts of Shape fields or
     (B, S, Hq, Hk, D) tuples; default: the "cpu" preset on CPU, the "gpu" preset on CUDA. encodings
     ("rope", "prope[:p]", "hope[:L]", "nope") and passes filter a preset's cases (or, for plain shapes,
     are crossed with them). dtypes default to the preset's (bfloat16 on GPU; float32 and bfloat16 on CPU).

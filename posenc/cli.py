@@ -99,10 +99,9 @@ def freqs_table(head_dim: int, base: float, context: int, rope_type: str = "defa
     rope = RoPE(head_dim, base, **kw)
     prope = PRoPE(head_dim, base, p=p, **kw)
     hope = HoPE(head_dim, base, context_length=context, **kw)
-    # The frequencies in use (scaled by the rope type); proportional's masked pairs show as 0.
-    raw, _ = rope._frequencies(None)
+    # The frequencies in use (scaled by the rope type; RoPE masks none); proportional's masked pairs show as 0.
     rows = []
-    for i, w in enumerate(raw.tolist()):
+    for i, w in enumerate(rope.inv_freq64.tolist()):
         wavelength = 2 * math.pi / w if w > 0 else math.inf
         rows.append({"pair": i, "inv_freq": w, "wavelength": wavelength, "periods": context * w / (2 * math.pi),
                      "completes_period": wavelength <= context,
@@ -226,26 +225,20 @@ def cmd_analyze(args) -> int:
 
 # ----------------------------------------------------------------------------------------------- bench
 class _Progress:
-    """Progress on stderr: a rewritten line on a terminal, one line per step otherwise. Accepts
-    (done, total[, label]), (label,), or keyword arguments, whatever the benchmark reports."""
+    """The benchmark's progress (done, total, label) on stderr: a rewritten line on a terminal, one line per
+    step otherwise."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.open = False
 
-    def __call__(self, *args, **kwargs):
-        nums = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
-        rest = [str(a) for a in args if not (isinstance(a, int) and not isinstance(a, bool))]
-        done = kwargs.pop("done", nums[0] if nums else None)
-        total = kwargs.pop("total", nums[1] if len(nums) > 1 else None)
-        rest += [f"{k}={v}" for k, v in kwargs.items()]
-        head = f"[{done}/{total}] " if done is not None and total else ""
-        line = f"bench {head}{' '.join(rest)}".rstrip()
+    def __call__(self, done: int, total: int, label: str):
+        line = f"bench [{done}/{total}] {label}"
         if self.tty:
             self.stream.write("\r\033[K" + line)
             self.open = True
-            if done is not None and total and done >= total:
+            if done >= total:
                 self.close()
         else:
             self.stream.write(line + "\n")
@@ -258,35 +251,16 @@ class _Progress:
             self.open = False
 
 
-def _bench_module():
-    import importlib
-    import importlib.util
-    if importlib.util.find_spec("posenc.bench") is None:
-        raise CommandError("the benchmark module posenc.bench is not available in this installation; "
-                           "`posenc bench` needs it (freqs and analyze work without it)")
-    return importlib.import_module("posenc.bench")
-
-
 def cmd_bench(args) -> int:
-    bench = _bench_module()
+    from . import bench
     device = args.device
     if device is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kwargs = {"device": device}
-    presets = getattr(bench, "PRESETS", {})
-    if args.preset is not None:
-        if args.preset not in presets:
-            raise CommandError(f"unknown preset {args.preset!r}; expected one of {', '.join(presets) or '(none)'}")
-        preset = presets[args.preset]
-        if isinstance(preset, dict):
-            kwargs.update(preset)
-        else:
-            kwargs["shapes"] = preset
-    if args.shape:
-        shapes = kwargs.get("shapes")
-        kwargs["shapes"] = (list(shapes) if isinstance(shapes, (list, tuple)) else [shapes] if shapes else []) \
-            + args.shape
+    shapes = ([args.preset] if args.preset is not None else []) + (args.shape or [])
+    if shapes:  # a preset by name (bench.BENCH_PRESETS) and the shapes given; none: the device's preset
+        kwargs["shapes"] = shapes
     for key, value in (("dtypes", args.dtype), ("encodings", args.encoding), ("methods", args.method),
                        ("passes", args.passes), ("warmup", args.warmup), ("iters", args.iters)):
         if value is not None:
@@ -378,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when available, else cpu")
     b.add_argument("--preset", help="a named run, e.g. cpu, gpu, llama-8b, gemma, decode, tiny "
-                   "(posenc.bench.PRESETS; default: cpu on CPU, gpu on CUDA)")
+                   "(posenc.bench.BENCH_PRESETS; default: cpu on CPU, gpu on CUDA)")
     b.add_argument("--shape", type=_shape, action="append", metavar="B,S,HQ,HK,D",
                    help="batch, seq, q heads, kv heads, head_dim (repeatable; added to --preset's cases)")
     b.add_argument("--dtype", action="append", help="float32, float16, bfloat16 (repeatable)")

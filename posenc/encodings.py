@@ -29,14 +29,29 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from . import frequencies as F
+from .frequencies import ROPE_TYPES, check_int, check_number, hope_keeps, prope_rotated_pairs, rope_frequencies
 from .ops import MAX_HEAD_DIM, _positions_from_cu_seqlens, apply_rotary
 
-__all__ = ["Encoding", "RoPE", "PRoPE", "HoPE", "NoPE", "get_encoding", "encoding_class", "ENCODINGS"]
+__all__ = ["Encoding", "RoPE", "PRoPE", "HoPE", "NoPE", "get_encoding", "encoding_class", "ENCODINGS",
+           "rotated_pairs_of", "op_pairs_of"]
+
+
+def rotated_pairs_of(inv_freq: torch.Tensor) -> int:
+    """How many pairs rotate under these (masked) frequencies: the fastest ones, up to the last non-zero
+    frequency (a mask only ever stops the slowest pairs), which is all the op needs to know."""
+    nonzero = torch.nonzero(inv_freq).flatten()
+    return int(nonzero[-1]) + 1 if nonzero.numel() else 0
+
+
+def op_pairs_of(rotated_pairs: int, pairs: int, attention_scale: float) -> int:
+    """The pairs the op must visit (its rotated_pairs) out of `pairs`: the rotating ones, or all of them with an
+    attention scale != 1, since transformers scales the "unrotated" pairs too (frequency 0: cos = 1, sin = 0)."""
+    return rotated_pairs if attention_scale == 1.0 else pairs
 
 
 class Encoding(nn.Module):
-    """A rotary map with a per-frequency mask. Subclasses choose the mask in `_mask`.
+    """A rotary map with a per-frequency mask. Subclasses declare their own arguments in `options` (kept as
+    attributes of those names) and their rule in `mask`.
 
     head_dim: channels per head (even, <= 512). base: RoPE base (theta; default scaling's rope_theta, else
     1e4). rotary_dim or partial_rotary_factor: how many leading channels take part (the rest pass through).
@@ -57,12 +72,13 @@ class Encoding(nn.Module):
     """
 
     name = "rope"
+    options: tuple[str, ...] = ()  # the encoding's own arguments, besides the rotary geometry below
 
     def __init__(self, head_dim: int, base: float | None = None, *, rotary_dim: int | None = None,
                  partial_rotary_factor: float | None = None, interleaved: bool = False,
                  scaling: dict | None = None):
         super().__init__()
-        head_dim = F.check_int("head_dim", head_dim, at_least=2)
+        head_dim = check_int("head_dim", head_dim, at_least=2)
         if head_dim % 2 or head_dim > MAX_HEAD_DIM:
             raise ValueError(f"head_dim must be a positive even integer of at most {MAX_HEAD_DIM}, got {head_dim}")
         if scaling is None:
@@ -74,17 +90,16 @@ class Encoding(nn.Module):
         rope_type = scaling.pop("rope_type", "default")
         if not isinstance(rope_type, str):
             raise TypeError(f"scaling['rope_type'] must be a string, got {type(rope_type).__name__}")
-        if rope_type not in F.ROPE_TYPES:
-            raise ValueError(f"scaling['rope_type'] must be one of {F.ROPE_TYPES}, got {rope_type!r}")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"scaling['rope_type'] must be one of {ROPE_TYPES}, got {rope_type!r}")
         base = _one_of("base", base, "rope_theta", scaling.pop("rope_theta", None))
-        base = F.check_number("base", 10_000.0 if base is None else base, above=1)
+        base = check_number("base", 10_000.0 if base is None else base, above=1)
         partial_rotary_factor = _one_of("partial_rotary_factor", partial_rotary_factor, "partial_rotary_factor",
                                         scaling.pop("partial_rotary_factor", None))
         if rotary_dim is not None and partial_rotary_factor is not None:
             raise ValueError("give rotary_dim or partial_rotary_factor, not both")
         if partial_rotary_factor is not None:
-            partial_rotary_factor = F.check_number("partial_rotary_factor", partial_rotary_factor, above=0,
-                                                   at_most=1)
+            partial_rotary_factor = check_number("partial_rotary_factor", partial_rotary_factor, above=0, at_most=1)
         if rope_type == "proportional":
             if rotary_dim is not None and rotary_dim != head_dim:
                 raise ValueError(f"rope_type 'proportional' always spans head_dim={head_dim} (as in transformers); "
@@ -120,9 +135,8 @@ class Encoding(nn.Module):
         device = torch.device(device) if device is not None else self.inv_freq64.device
         with torch.device("cpu"):  # constants: never built on the meta device a model may be created under
             raw, self.attention_scale = self._frequencies(None)
-            inv = self._mask(raw).to(torch.float64)
-        nonzero = [i for i, w in enumerate(inv.tolist()) if w != 0]
-        self.rotated_pairs = nonzero[-1] + 1 if nonzero else 0
+            inv = self.mask(raw).to(torch.float64)
+        self.rotated_pairs = rotated_pairs_of(inv)
         self._inv_freq64_master = inv  # a plain attribute: module moves, to_empty and state dicts skip it
         self._place(device)
 
@@ -130,8 +144,9 @@ class Encoding(nn.Module):
         self.inv_freq64 = self._inv_freq64_master.to(device)
         self.inv_freq = self._inv_freq64_master.to(device, torch.float32)
 
-    def _mask(self, inv_freq: torch.Tensor) -> torch.Tensor:
-        """The encoding's idea: frequency 0 for the pairs that must not rotate. RoPE keeps all."""
+    def mask(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """The encoding's idea, applied to the frequencies given (its own, or a model's, scaled ones included):
+        frequency 0 for the pairs that must not rotate. RoPE keeps all."""
         return inv_freq
 
     def _describe(self) -> str:
@@ -146,10 +161,10 @@ class Encoding(nn.Module):
     def _frequencies(self, seq_len):
         """Unmasked float64 frequencies over rotary_dim (the rope type's), and the attention scale."""
         if self.rope_type == "proportional":  # spans head_dim; the factor picks the rotating pairs
-            return F.rope_frequencies(self.head_dim, self.base, "proportional",
-                                      partial_rotary_factor=self.partial_rotary_factor, **self.scaling)
+            return rope_frequencies(self.head_dim, self.base, "proportional",
+                                    partial_rotary_factor=self.partial_rotary_factor, **self.scaling)
         # int(head_dim * factor) channels rotate as a full rotation of rotary_dim channels would.
-        return F.rope_frequencies(self.rotary_dim, self.base, self.rope_type, seq_len=seq_len, **self.scaling)
+        return rope_frequencies(self.rotary_dim, self.base, self.rope_type, seq_len=seq_len, **self.scaling)
 
     def _apply(self, fn, recurse=True):
         # Follow device moves but never dtype casts (model.half() must not round the frequencies); the
@@ -171,7 +186,7 @@ class Encoding(nn.Module):
         inv, _ = self._frequencies(seq_len)
         # The kernel visits the first rotated_pairs pairs (fixed at construction); the mask applies to the
         # frequencies actually in use (HoPE's cut to the scaled ones).
-        inv = self._mask(inv.to(positions.device))
+        inv = self.mask(inv.to(positions.device))
         return torch.cat([inv[: self.rotated_pairs], torch.zeros_like(inv[self.rotated_pairs:])])
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32):
@@ -220,9 +235,8 @@ class Encoding(nn.Module):
 
     @property
     def op_pairs(self) -> int:
-        """The pairs the op must visit (its rotated_pairs): the rotating ones, or all of them with an attention
-        scale != 1, since transformers scales the "unrotated" pairs too (frequency 0: cos = 1, sin = 0)."""
-        return self.rotated_pairs if self.attention_scale == 1.0 else self.rotary_dim // 2
+        """The pairs the op must visit (its rotated_pairs); see `op_pairs_of`."""
+        return op_pairs_of(self.rotated_pairs, self.rotary_dim // 2, self.attention_scale)
 
     forward = apply
 
@@ -231,7 +245,8 @@ class Encoding(nn.Module):
                 f"rope_type={self.rope_type!r}, rotated_pairs={self.rotated_pairs}/{self.rotary_dim // 2}"
                 + (f", partial_rotary_factor={self.partial_rotary_factor:g}" if self.rope_type == "proportional"
                    else "")
-                + (", interleaved=True" if self.interleaved else ""))
+                + (", interleaved=True" if self.interleaved else "")
+                + "".join(f", {option}={getattr(self, option)}" for option in self.options))
 
 
 def _one_of(name: str, value, key: str, from_scaling):
@@ -251,35 +266,32 @@ class PRoPE(Encoding):
     """p-RoPE: only the fastest fraction p of the pairs rotate (int(p * rotary_dim // 2) of them)."""
 
     name = "prope"
+    options = ("p",)
 
     def __init__(self, head_dim: int, base: float | None = None, p: float = 0.75, **kwargs):
-        F.prope_rotated_pairs(2, p)  # validates p before any work
-        self.p = p
+        self.p = p  # checked by the mask, which the construction applies
         super().__init__(head_dim, base, **kwargs)
 
-    def _mask(self, inv_freq):
-        keep = F.prope_rotated_pairs(self.rotary_dim, self.p)
+    def mask(self, inv_freq):
+        keep = prope_rotated_pairs(2 * inv_freq.shape[-1], self.p)
         return torch.cat([inv_freq[:keep], torch.zeros_like(inv_freq[keep:])])
 
     def _why_no_pair(self):
         return f"p={self.p:g} of {self.rotary_dim // 2} pairs leaves int(p * rotary_dim // 2) = 0"
-
-    def extra_repr(self):
-        return super().extra_repr() + f", p={self.p}"
 
 
 class HoPE(Encoding):
     """HoPE: a pair rotates iff its wavelength fits within the training context length."""
 
     name = "hope"
+    options = ("context_length",)
 
     def __init__(self, head_dim: int, base: float | None = None, context_length: int = 4096, **kwargs):
-        F.check_int("context_length", context_length, why=" (the training context length in tokens)")
-        self.context_length = context_length
+        self.context_length = context_length  # checked by the mask, which the construction applies
         super().__init__(head_dim, base, **kwargs)
 
-    def _mask(self, inv_freq):
-        return torch.where(F.hope_keeps(inv_freq, self.context_length), inv_freq, torch.zeros_like(inv_freq))
+    def mask(self, inv_freq):
+        return torch.where(hope_keeps(inv_freq, self.context_length), inv_freq, torch.zeros_like(inv_freq))
 
     def _describe(self):
         return f"HoPE(context_length={self.context_length})"
@@ -291,9 +303,6 @@ class HoPE(Encoding):
         return (f"no pair's wavelength is at most context_length={self.context_length} (the shortest is "
                 f"{shortest:.4g} tokens)")
 
-    def extra_repr(self):
-        return super().extra_repr() + f", context_length={self.context_length}"
-
 
 class NoPE(Encoding):
     """NoPE: no pair rotates (the identity on q and k)."""
@@ -303,7 +312,7 @@ class NoPE(Encoding):
     def __init__(self, head_dim: int, base: float | None = None, **kwargs):
         super().__init__(head_dim, base, **kwargs)
 
-    def _mask(self, inv_freq):
+    def mask(self, inv_freq):
         return torch.zeros_like(inv_freq)
 
 

@@ -11,11 +11,11 @@ import numbers
 
 import torch
 
-__all__ = ["ROPE_TYPES", "rope_frequencies", "prope_rotated_pairs", "hope_keeps", "rotary_dim_of"]
+__all__ = ["ROPE_TYPES", "ROPE_PARAMS", "rope_frequencies", "prope_rotated_pairs", "hope_keeps", "rotary_dim_of"]
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
 # The arguments each rope type reads (besides head_dim, base, partial_rotary_factor).
-_PARAMS = {
+ROPE_PARAMS = {
     "default": set(),
     "linear": {"factor"},
     "dynamic": {"factor", "max_position_embeddings"},
@@ -81,14 +81,14 @@ def _check_params(rope_type: str, dim: int, params: dict) -> None:
     def present(k):
         return params.get(k) is not None
 
-    if "factor" in _PARAMS[rope_type] and present("factor"):
+    if "factor" in ROPE_PARAMS[rope_type] and present("factor"):
         if rope_type == "proportional":  # transformers sets no bound; it divides the frequencies by it
             check_number(key("factor"), params["factor"], above=0)
         else:
             check_number(key("factor"), params["factor"], at_least=1, why=" (transformers' rule; 1 = unscaled)")
-    if "max_position_embeddings" in _PARAMS[rope_type] and present("max_position_embeddings"):
+    if "max_position_embeddings" in ROPE_PARAMS[rope_type] and present("max_position_embeddings"):
         check_int(key("max_position_embeddings"), params["max_position_embeddings"])
-    if "original_max_position_embeddings" in _PARAMS[rope_type] and present("original_max_position_embeddings"):
+    if "original_max_position_embeddings" in ROPE_PARAMS[rope_type] and present("original_max_position_embeddings"):
         longrope = rope_type == "longrope"  # its attention factor divides by log(original length)
         check_int(key("original_max_position_embeddings"), params["original_max_position_embeddings"],
                   at_least=2 if longrope else 1, why=" (LongRoPE divides by its log)" if longrope else "")
@@ -150,9 +150,9 @@ def rope_frequencies(head_dim: int, base: float = 10_000.0, rope_type: str = "de
     """
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
-    unknown = set(params) - _PARAMS[rope_type]
+    unknown = set(params) - ROPE_PARAMS[rope_type]
     if unknown:
-        raise ValueError(f"rope_type {rope_type!r} takes {sorted(_PARAMS[rope_type]) or 'no parameters'}, "
+        raise ValueError(f"rope_type {rope_type!r} takes {sorted(ROPE_PARAMS[rope_type]) or 'no parameters'}, "
                          f"got unexpected {sorted(unknown)}")
     check_int("head_dim", head_dim)
     base = check_number("base", base, above=1)

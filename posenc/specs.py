@@ -12,7 +12,7 @@ Grammar (case-insensitive names; no spaces):
 
 "original" is the model as loaded (nothing patched) and takes neither a value nor layers; "rope" keeps the
 model's own frequencies and swaps only the kernel. Without a value, hope and prope take `posenc.patch`'s
-defaults (the config's pretraining length; p = 0.25).
+defaults (the config's pretraining length; PRoPE's p = 0.75).
 
     spec = parse_spec("hope:2048@full_attention")
     posenc.patch(model, **spec.patch_kwargs())   # None for "original": leave the model alone
@@ -23,10 +23,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from .encodings import ENCODINGS, encoding_class
+
 __all__ = ["EncodingSpec", "parse_spec", "parse_specs", "SPEC_NAMES"]
 
-SPEC_NAMES = ("original", "rope", "hope", "prope", "nope")
-_ALIASES = {"p-rope": "prope", "p_rope": "prope", "none": "nope"}
+SPEC_NAMES = ("original", *ENCODINGS)
 _GRAMMAR = ("NAME[:VALUE][@LAYERS] with NAME one of original, rope, hope[:L], prope[:p], nope and LAYERS a layer "
             "type (e.g. full_attention) or indices (0-3, 0+5+7)")
 _LAYER_TYPE = re.compile(r"[a-z_][a-z0-9_]*")
@@ -47,7 +48,7 @@ class EncodingSpec:
     def __post_init__(self):
         if self.name not in SPEC_NAMES:
             raise ValueError(f"encoding spec name must be one of {', '.join(SPEC_NAMES)}, got {self.name!r}")
-        allowed = {"hope": {"context_length"}, "prope": {"p"}}.get(self.name, set())
+        allowed = set() if self.name == "original" else set(encoding_class(self.name).options)
         extra = sorted(set(self.options) - allowed)
         if extra:
             raise ValueError(f"encoding spec {self.name!r} takes {sorted(allowed) or 'no options'}, got {extra}")
@@ -63,10 +64,8 @@ class EncodingSpec:
 
     def __str__(self) -> str:
         text = self.name
-        if self.name == "hope" and "context_length" in self.options:
-            text += f":{self.options['context_length']}"
-        elif self.name == "prope" and "p" in self.options:
-            text += f":{self.options['p']!r}"
+        for value in self.options.values():  # the encoding's one option (hope's L, prope's p), when given
+            text += f":{value!r}" if isinstance(value, float) else f":{value}"
         if isinstance(self.layers, str):
             text += f"@{self.layers}"
         elif self.layers is not None:
@@ -121,9 +120,11 @@ def parse_spec(text: str) -> EncodingSpec:
     raw = text.strip().lower()
     head, at, layer_text = raw.partition("@")
     name, colon, value = head.partition(":")
-    name = _ALIASES.get(name, name)
-    if name not in SPEC_NAMES:
-        raise _bad(text, f"unknown encoding {name!r}")
+    if name != "original":
+        try:
+            name = encoding_class(name).name  # resolves the aliases ("p-rope", "none")
+        except ValueError:
+            raise _bad(text, f"unknown encoding {name!r}") from None
     if at and not layer_text:
         raise _bad(text, "nothing after '@'")
     if colon and not value:

@@ -282,14 +282,6 @@ def test_atomic_write_leaves_old_file_or_none(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out.json"]  # no temp files, no half-written new.txt
 
 
-def test_bench_without_module_is_a_clean_error(capsys, monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "posenc.bench" else real(name, *a))
-    code, _, err = run_main(capsys, "bench")
-    assert_clean_error(code, err, "posenc.bench")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("posenc.bench") is None, reason="posenc.bench not written yet")
 def test_bench_tiny_run(capsys, tmp_path):
     argv = ["bench", "--device", "cpu", "--preset", "tiny", "--dtype", "float32", "--encoding", "rope",
             "--json", str(tmp_path / "b.json")]
@@ -323,7 +315,6 @@ def test_bench_tiny_run(capsys, tmp_path):
     assert_clean_error(code, err, "--shape")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("posenc.bench") is None, reason="posenc.bench not written yet")
 def test_bench_tables_method_matches_posenc():
     """posenc_tables (the op reading cos/sin tables) agrees with posenc (angles from frequencies) in every
     pass, for partial encodings too: a wrong table half or a wrong pair count shows as a MISMATCH."""

@@ -200,7 +200,8 @@ def test_yarn_attention_scaling_kept():
     assert scale != 1.0
     posenc.patch(model, "nope")
     assert rotary_of(model).attention_scaling == scale
-    assert patching._layer_spec(model.model.layers[0].self_attn).rotated_pairs is None  # visit all pairs
+    pairs = rotary_of(model).inv_freq.numel()
+    assert patching._layer_spec(model.model.layers[0].self_attn).rotated_pairs == pairs  # visit all pairs
 
 
 # ----------------------------------------------------------------------------------------- layer choice

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .. import frequencies as F
+from ..frequencies import ROPE_PARAMS, rope_frequencies
 from .. import io as _io
 from . import metrics as M
 from .capture import UnsupportedModelError, capture
@@ -64,14 +64,14 @@ def layer_frequencies(config, layer: int, head_dim: int, model=None) -> dict:
     prf = rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
     note = None
     try:
-        allowed = F._PARAMS[rope_type]
+        allowed = ROPE_PARAMS[rope_type]
         params = {k: rp[k] for k in allowed if rp.get(k) is not None}
         if "max_position_embeddings" in allowed:
             params["max_position_embeddings"] = config.max_position_embeddings
-        inv, _ = F.rope_frequencies(head_dim, base, rope_type, partial_rotary_factor=prf, **params)
+        inv, _ = rope_frequencies(head_dim, base, rope_type, partial_rotary_factor=prf, **params)
     except (KeyError, ValueError, TypeError) as e:
         note = f"rope type {rope_type!r} not understood ({e}); default RoPE frequencies assumed"
-        inv, _ = F.rope_frequencies(head_dim, base, "default", partial_rotary_factor=prf)
+        inv, _ = rope_frequencies(head_dim, base, "default", partial_rotary_factor=prf)
     source = "config"
     buffer = _model_inv_freq(model, config, layer) if model is not None else None
     if buffer is not None and buffer.dim() == 1:

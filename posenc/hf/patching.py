@@ -12,7 +12,7 @@ How it works (and why it survives save/load):
   rope type; tools that read config.json show it too. Checkpoints saved with the earlier name "posenc" load.
 - `import posenc` registers the rope type in transformers' `ROPE_INIT_FUNCTIONS`. Its init
   function computes the model's own (possibly scaled) frequencies with transformers' function for
-  `base_rope_type` and applies the encoding's mask (`Encoding._mask`: frequency 0 for pairs that don't
+  `base_rope_type` and applies the encoding's mask (`Encoding.mask`: frequency 0 for pairs that don't
   rotate). transformers calls it whenever it builds or re-initialises rotary buffers (init, from_pretrained),
   so the masked frequencies are never lost; the attention scaling of the base type is kept.
 - The kernel: on first use of a family, its attention class's `forward` is wrapped and its module-level
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..encodings import encoding_class, get_encoding
+from ..encodings import ENCODINGS, encoding_class, get_encoding, op_pairs_of, rotated_pairs_of
 from ..ops import apply_rotary
 from .families import FAMILIES, SUPPORTED, Family, family_of
 
@@ -45,8 +45,6 @@ __all__ = ["patch", "unpatch", "is_patched", "register", "posenc_rope_init", "PO
 
 POSENC_ROPE_TYPE = "posenc (pip install posenc and `import posenc` before from_pretrained)"
 _ROPE_TYPES = (POSENC_ROPE_TYPE, "posenc")  # the name, and the one checkpoints saved before it carry
-# What each encoding takes from patch(); head_dim, base and the rope scaling come from the model's config.
-_ENCODING_ARGS = {"rope": (), "nope": (), "prope": ("p",), "hope": ("context_length",)}
 # Rope types whose frequencies change with the sequence length inside forward; not supported as a base.
 _UNSUPPORTED_BASE = ("dynamic", "longrope")
 
@@ -127,7 +125,7 @@ def _masked(entry: dict, inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     with torch.device("cpu"):  # transformers may be building the model on the meta device
         enc = get_encoding(entry["encoding"], head_dim=2 * inv_freq.numel(),
                            base=float(params.get("rope_theta", 1e4)), **entry.get("kwargs", {}))
-    return enc._mask(inv_freq)
+    return enc.mask(inv_freq)
 
 
 def posenc_rope_init(config, device=None, seq_len=None, layer_type=None, **kwargs):
@@ -146,10 +144,10 @@ def posenc_rope_init(config, device=None, seq_len=None, layer_type=None, **kwarg
 def _validate_posenc_rope_parameters(self, rope_parameters, ignore_keys=None):
     """transformers config validation for posenc's rope type: the entry, then the base type's own rules."""
     entry = rope_parameters.get("posenc")
-    if (not isinstance(entry, dict) or entry.get("encoding") not in _ENCODING_ARGS
+    if (not isinstance(entry, dict) or entry.get("encoding") not in ENCODINGS
             or not isinstance(entry.get("base_rope_type"), str) or not isinstance(entry.get("kernel"), bool)):
         raise ValueError("rope_type 'posenc' needs a 'posenc' entry with 'encoding' (one of "
-                         f"{sorted(_ENCODING_ARGS)}), 'kernel' (bool) and 'base_rope_type'; got {entry!r}")
+                         f"{sorted(ENCODINGS)}), 'kernel' (bool) and 'base_rope_type'; got {entry!r}")
     original = _original_params(rope_parameters)
     validate = getattr(self, f"_validate_{original['rope_type']}_rope_parameters", None)
     if validate is not None:
@@ -173,7 +171,7 @@ class _Spec:
     kernel: bool                # rotate with posenc.apply_rotary (else transformers' function)
     keep: torch.Tensor | None   # bool [pairs]: pairs that rotate, when the tables still hold all of them
     scale: float                # the rope type's attention scaling (cos/sin of a frozen pair: scale, 0)
-    rotated_pairs: int | None   # pairs the kernel must visit (None: all)
+    rotated_pairs: int          # pairs the kernel must visit (encodings.op_pairs_of)
 
 
 _STATE = threading.local()
@@ -217,10 +215,8 @@ def _compute_spec(config, key, params, layer_idx) -> _Spec | None:
         keep = masked != 0
     if not entry["kernel"] and keep is None:
         return None
-    nonzero = torch.nonzero(masked).flatten()
-    pairs = int(nonzero[-1]) + 1 if nonzero.numel() else 0
-    # Frozen pairs still get the attention scale when it is not 1, so the kernel must visit them.
-    return _Spec(entry["kernel"], keep, float(scale), pairs if scale == 1.0 else None)
+    visit = op_pairs_of(rotated_pairs_of(masked), masked.numel(), float(scale))
+    return _Spec(entry["kernel"], keep, float(scale), visit)
 
 
 def _rotate(spec: _Spec, original, pair: bool, args, kwargs):
@@ -452,13 +448,13 @@ def _check_encoding(encoding, kernel, encoding_kwargs) -> str:
         raise TypeError(f"encoding must be a string such as 'hope', got {type(encoding).__name__}")
     if not isinstance(kernel, bool):
         raise TypeError(f"kernel must be True or False, got {kernel!r}")
-    name = encoding_class(encoding).name  # resolves aliases ("p-rope"), raises on unknown names
-    extra = sorted(set(encoding_kwargs) - set(_ENCODING_ARGS[name]))
+    cls = encoding_class(encoding)  # resolves aliases ("p-rope"), raises on unknown names
+    extra = sorted(set(encoding_kwargs) - set(cls.options))
     if extra:
-        takes = ", ".join(_ENCODING_ARGS[name]) or "no arguments"
-        raise TypeError(f"patch(encoding={name!r}) takes {takes}; got unexpected {extra} (head_dim, base and the "
-                        "rope scaling come from the model's config)")
-    return name
+        takes = ", ".join(cls.options) or "no arguments"
+        raise TypeError(f"patch(encoding={cls.name!r}) takes {takes}; got unexpected {extra} (head_dim, base and "
+                        "the rope scaling come from the model's config)")
+    return cls.name
 
 
 def patch(model, encoding: str = "hope", layers=None, kernel: bool = True, **encoding_kwargs):
