@@ -618,7 +618,8 @@ def summarize_quant(comparison: dict) -> str:
             s = r["summary"]
             share = lambda n: f"{_pct(s['logit_share'][n])} ({_pct(s['pair_share'][n])})"  # noqa: E731
             lines.append(f"{'':<16} {r['label']:<34} {s['q_err']:>6.4f} {s['k_err']:>6.4f} {s['v_err']:>6.4f} "
-                         f"{s['logit_rms']:>7.4f} {s['out_qk_err']:>7.4f} {s['out_err']:>7.4f} {r['kl']:>8.5f} {r['delta_loss']:>+8.4f} "
+                         f"{s['logit_rms']:>7.4f} {s['out_qk_err']:>7.4f} {s['out_err']:>7.4f} {r['kl']:>8.2e} "
+                         f"{r['delta_loss']:>+8.4f} "
                          f"{share('incomplete'):>10} {share('offset'):>10} {share('outlier'):>10}")
     lines.append("mitigations: share of the baseline's logit rms / attention-output error with v unquantized "
                  "(out qk) / KL removed")
