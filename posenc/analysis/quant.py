@@ -216,7 +216,7 @@ def quantized_attention(model, scheme: QuantScheme | None, *, observe=None, rota
 
 
 # --------------------------------------------------------------------------------------------- metrics
-def _allowed(mask, batch: int, heads: int, q_len: int, k_len: int) -> torch.Tensor:
+def _allowed(mask, batch: int, q_len: int, k_len: int) -> torch.Tensor:
     """bool [batch, 1 or heads, q_len, k_len]: which keys each query attends to (eager masks are additive:
     0 where allowed, the dtype's minimum or -inf elsewhere; None: causal)."""
     if mask is None:
@@ -280,7 +280,8 @@ class _Observer:
     """Accumulates, per layer and scheme, the sums the errors are made of (one forward, unquantized activations)."""
 
     def __init__(self, model, schemes, rotary_dim, interleaved):
-        self.layer_of = {id(attn): getattr(attn, "layer_idx", i) for i, (_, _, attn) in enumerate(attention_layers(model))}
+        self.layer_of = {id(attn): getattr(attn, "layer_idx", i)
+                         for i, (_, _, attn) in enumerate(attention_layers(model))}
         self.schemes, self.rotary_dim, self.interleaved = schemes, rotary_dim, interleaved
         self.sums: dict = {}   # (layer, scheme index) -> {name: tensor}
 
@@ -295,7 +296,7 @@ class _Observer:
         scaling = float(scaling if scaling is not None else getattr(module, "scaling", query.shape[-1] ** -0.5))
         with torch.no_grad():
             clean_out, _ = eager(module, query, key, value, mask, **kwargs)    # [b, s, heads, d]
-            allowed = _allowed(mask, query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+            allowed = _allowed(mask, query.shape[0], query.shape[2], key.shape[2])
             for i, scheme in enumerate(self.schemes):
                 qh, kh, vh = scheme.apply(query, key, value, **kw)
                 out, _ = eager(module, qh, kh, vh, mask, **kwargs)
@@ -675,7 +676,8 @@ def plot_quant(comparison: dict, directory: str) -> list[str]:
             for e in encs:
                 ax.plot(e["schemes"][i]["by_pair"][key], marker=".", lw=1.2, label=e["encoding"])
             if key == "logit_share":
-                ax.plot(encs[0]["k_energy"], color="grey", ls=":", lw=1, label=f"k energy share ({encs[0]['encoding']})")
+                ax.plot(encs[0]["k_energy"], color="grey", ls=":", lw=1,
+                        label=f"k energy share ({encs[0]['encoding']})")
             if cut < encs[0]["pairs"]:
                 ax.axvspan(cut - 0.5, encs[0]["pairs"] - 0.5, color="red", alpha=0.07, lw=0,
                            label="no full period in context")
