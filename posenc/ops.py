@@ -287,9 +287,10 @@ def _check_tensor(name, t, *, float_only=True):
 
 
 def _check_angles(positions, inv_freq, rotated_pairs, bound=None):
-    """Refuses |position * inv_freq| beyond MAX_ANGLE, where the op's angles lose accuracy. Checked where it
-    is cheap: positions known on the host (`bound`: the largest |position|), or held on the CPU."""
-    if _tracing() or (bound is None and positions.device.type != "cpu") or inv_freq.device.type != "cpu":
+    """Refuses |position * inv_freq| beyond MAX_ANGLE, where the op's angles lose accuracy, for the reference
+    serving the CPU (the C++ CPU kernel checks by itself, under torch.compile too). `bound`: the largest
+    |position| when known on the host. Not on CUDA, where it would need a host sync."""
+    if _tracing() or inv_freq.device.type != "cpu" or _HAS_CPU_KERNEL:
         return
     w = inv_freq[:rotated_pairs].abs().max().item() if rotated_pairs else 0.0
     if not math.isfinite(w):
