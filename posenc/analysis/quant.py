@@ -605,20 +605,21 @@ def summarize_quant(comparison: dict) -> str:
     first = encs[0]
     pairs = first["pairs"]
     bands = sum(first["flags"][0]["incomplete"])
+    w = max(16, *(len(e["encoding"]) for e in encs))
     lines = ["", f"quantization of attention inputs (q, k after the rotary map, v; simulated, symmetric absmax "
                  f"scales), {first['tokens']} tokens; errors relative, logit error rms in logit units; "
                  f"'band': share of the per-pair logit error in the {bands}/{pairs} pairs without a full period in "
                  f"context (their share of the pairs in brackets); 'offset', 'outlier': the same for offset-feature "
                  f"pairs and each head's outlier pair; 'out qk': attention-output error with v left unquantized; KL: "
                  f"KL(unquantized || quantized) of the next-token distributions, mean over positions",
-             f"{'encoding':<16} {'scheme':<34} {'q err':>6} {'k err':>6} {'v err':>6} {'logit':>7} {'out qk':>7} "
+             f"{'encoding':<{w}} {'scheme':<34} {'q err':>6} {'k err':>6} {'v err':>6} {'logit':>7} {'out qk':>7} "
              f"{'out err':>7} {'KL':>8} {'Δloss':>8} {'band':>10} {'offset':>10} {'outlier':>10}"]
     for e in encs:
-        lines.append(f"{e['encoding']:<16} {'(unquantized: loss ' + format(e['loss'], '.4f') + ')':<34}")
+        lines.append(f"{e['encoding']:<{w}} {'(unquantized: loss ' + format(e['loss'], '.4f') + ')':<34}")
         for r in e["schemes"]:
             s = r["summary"]
             share = lambda n: f"{_pct(s['logit_share'][n])} ({_pct(s['pair_share'][n])})"  # noqa: E731
-            lines.append(f"{'':<16} {r['label']:<34} {s['q_err']:>6.4f} {s['k_err']:>6.4f} {s['v_err']:>6.4f} "
+            lines.append(f"{'':<{w}} {r['label']:<34} {s['q_err']:>6.4f} {s['k_err']:>6.4f} {s['v_err']:>6.4f} "
                          f"{s['logit_rms']:>7.4f} {s['out_qk_err']:>7.4f} {s['out_err']:>7.4f} {r['kl']:>8.2e} "
                          f"{r['delta_loss']:>+8.4f} "
                          f"{share('incomplete'):>10} {share('offset'):>10} {share('outlier'):>10}")
