@@ -402,7 +402,7 @@ def _load(args: FinetuneArgs, spec):
     """(model with the encoding applied, tokenizer or None, description). ModelLoadError / ValueError on bad
     input, before any training."""
     from . import patch
-    from .analysis.models import load_model
+    from .analysis.loading import load_model
     model, tokenizer, name = load_model(args.model, args.gguf_file, seed=args.seed,
                                         attn_implementation=args.attn_implementation)
     drop_gguf_marker(model)

@@ -31,7 +31,7 @@ def _atomic_text(path: str, text: str) -> None:
 # ------------------------------------------------------------------------------------------- prepare
 def prepare(args) -> None:
     from posenc import data, training
-    from posenc.analysis.models import load_model
+    from posenc.analysis.loading import load_model
 
     model, tokenizer, name = load_model(args.model, args.gguf_file, seed=0)
     training.drop_gguf_marker(model)

@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 import posenc  # noqa: E402
 from posenc import cli, training  # noqa: E402
-from posenc.analysis.models import load_model  # noqa: E402
+from posenc.analysis.loading import load_model  # noqa: E402
 from posenc.training import FinetuneArgs, FinetuneError, finetune  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
