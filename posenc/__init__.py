@@ -3,7 +3,7 @@ from .ops import apply_rotary, backend, rotary_reference
 from .frequencies import ROPE_TYPES, rope_frequencies
 from .encodings import ENCODINGS, Encoding, HoPE, NoPE, PRoPE, RoPE, get_encoding
 from .attention import Attention, HoPEAttention, KVCache, NoPEAttention, PRoPEAttention, RoPEAttention
-from .models import TinyDecoder
+from .decoder import TinyDecoder
 from .hf import is_patched, patch, unpatch  # transformers integration (imports transformers lazily)
 
 __version__ = "0.1.0"

@@ -65,7 +65,7 @@ def load_eval_model(spec: str, gguf_file: str | None = None, *, device: str = "c
     or a PEFT adapter directory (adapter_config.json; the base is the same directory when it also holds a
     config.json, else the adapter's base_model_name_or_path), merged into its base for speed. Eval mode, on
     `device` in `dtype`. Raises posenc.analysis.ModelLoadError (a ValueError) when nothing loads."""
-    from .analysis.models import ModelLoadError, load_model
+    from .analysis.loading import ModelLoadError, load_model
     import posenc  # noqa: F401  (registers the "posenc" rope type before a patched checkpoint loads)
     adapter = isinstance(spec, str) and os.path.isfile(os.path.join(spec, "adapter_config.json"))
     if not adapter:
@@ -732,7 +732,7 @@ def run_eval(model: str, *, encodings: str = "original", lengths="256,512,1024,2
         raise EvalError(str(e)) from None
 
     log(f"loading {model} ...")
-    from .analysis.models import ModelLoadError
+    from .analysis.loading import ModelLoadError
     t0 = time.perf_counter()
     try:
         net, tokenizer, name = load_eval_model(model, gguf_file, device=device, dtype=dtypes[dtype], seed=seed)

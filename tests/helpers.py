@@ -9,7 +9,7 @@ def default_inv_freq(rotary_dim, base):
 
 
 def expected_inv_freq(kind, head_dim, base=10_000.0, rotary_dim=None, p=None, context_length=None):
-    """inv_freq per the DESIGN's definitions, from scratch."""
+    """inv_freq by the encodings' definitions (the README's table), written from scratch."""
     rotary_dim = rotary_dim or head_dim
     inv = default_inv_freq(rotary_dim, base)
     if kind == "nope":

@@ -78,7 +78,7 @@ def test_sink_share_value_drain_massive_by_hand():
     assert m["top"][0] == (0, 7, -400.0)
 
 
-def test_completes_period_matches_design_counts():
+def test_completes_period_counts():
     inv = 10_000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
     assert int(M.completes_period(inv, 4096).sum()) == 46
     inv = 10_000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
@@ -177,10 +177,10 @@ def test_analyze_gemma3_one_kv_head():
     """Gemma 3 1B's attention shape (4 q heads, 1 kv head, head_dim 256, sliding + full layers): k_norm sees a
     bhsd view whose head axis has size 1, so its strides look bshd; the capture must still record 1 kv head
     (it recorded seq-length "heads", and the summary divided by 4 // seq = 0)."""
-    cfg = dict(A.PRESETS["tiny-gemma3"], hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
+    cfg = dict(A.MODEL_PRESETS["tiny-gemma3"], hidden_size=32, num_attention_heads=4, num_key_value_heads=1,
                head_dim=256, num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention",
                                                                "full_attention"], query_pre_attn_scalar=256)
-    model, _ = A.models._from_config_dict(cfg, seed=0)
+    model, _ = A.loading._from_config_dict(cfg, seed=0)
     ids = A.tokenize(A.DEFAULT_TEXT, None, model.config.vocab_size, max_tokens=12)
     inputs = {}
     handles = [layer.self_attn.register_forward_pre_hook(

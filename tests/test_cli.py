@@ -144,8 +144,8 @@ def test_freqs_json_into_a_directory(capsys, tmp_path):
 def test_analyze_tiny_model_json_plot_and_text(capsys, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from posenc.analysis import DEFAULT_TEXT, PRESETS
-    cfg = dict(PRESETS["tiny-llama"], num_hidden_layers=3)
+    from posenc.analysis import DEFAULT_TEXT, MODEL_PRESETS
+    cfg = dict(MODEL_PRESETS["tiny-llama"], num_hidden_layers=3)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     (tmp_path / "text.txt").write_text(DEFAULT_TEXT[:200])
     argv = ["analyze", str(tmp_path / "cfg.json"), "--text-file", str(tmp_path / "text.txt"), "--seed", "3",

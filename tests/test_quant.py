@@ -182,8 +182,8 @@ def test_quantized_attention_equals_hand_attention_on_quantized_inputs():
 def _outlier_model(pair=2, offset=40.0):
     """tiny-llama with a constant offset planted in key pair `pair` of every kv head (through k_proj's bias)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from posenc.analysis.models import PRESETS
-    cfg = dict(PRESETS["tiny-llama"], attention_bias=True)
+    from posenc.analysis import MODEL_PRESETS
+    cfg = dict(MODEL_PRESETS["tiny-llama"], attention_bias=True)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()

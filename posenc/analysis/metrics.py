@@ -4,7 +4,7 @@ Shapes: queries/keys/values are bshd, `[batch, seq, heads, head_dim]` (heads = k
 attention probabilities are `[batch, heads, queries, keys]`; residual states are `[batch, seq, hidden]`.
 Every statistic averages over batch and sequence (the "tokens").
 
-Rotary pairs follow the DESIGN: half-split pairs channel i with i + rotary_dim/2 (Hugging Face), interleaved
+Rotary pairs: half-split pairs channel i with i + rotary_dim/2 (Hugging Face), interleaved
 pairs 2i with 2i+1; pair 0 is the fastest.
 """
 from __future__ import annotations
