@@ -20,9 +20,11 @@ in-place form and runs out of place), "fwd+bwd" (forward and torch.autograd.grad
 
 Before timing, each method's output on fresh inputs is compared with posenc's (relative L2 error within 8
 rounding steps of the dtype; the "check" column). GPU times are CUDA-event medians over `repeats` replays of
-a CUDA graph holding `iters` calls (launch gaps out, as in a captured decode loop; falls back to an eager
-loop, marked "eager", where a method cannot be captured); CPU times are time.perf_counter medians of single
-calls. GB/s counts the bytes a copy of q and k moves (read + write; twice that for fwd+bwd, whose floor
+a CUDA graph holding `iters` calls (launch gaps out, as in a captured decode loop; "us", "x_copy"), and,
+next to them, of the same `iters` calls issued from Python without a graph ("us_eager", "x_copy_eager"), which is
+what an eager model pays: the host time per call shows there wherever it exceeds the kernel's time. Where a
+method cannot be captured, "us" is its eager time (timing "eager"). CPU times are time.perf_counter medians of
+single calls (eager by nature: no eager columns). GB/s counts the bytes a copy of q and k moves (read + write; twice that for fwd+bwd, whose floor
 row is still one copy), so it is the copy-equivalent bandwidth even when the in-place op skips channels.
 x_copy = time / time of the copy of the same case.
 """
@@ -41,8 +43,8 @@ from . import io as _io
 from .encodings import Encoding, get_encoding
 from .specs import EncodingSpec, parse_spec
 
-__all__ = ["Shape", "Case", "BENCH_PRESETS", "PRESETS", "METHODS", "PASSES", "run", "format_table", "write_json",
-           "plot"]
+__all__ = ["Shape", "Case", "E2EModel", "E2E_PRESETS", "run_e2e", "BENCH_PRESETS", "PRESETS", "METHODS", "PASSES",
+           "run", "format_table", "write_json", "plot"]
 
 METHODS = ("copy", "posenc", "posenc_tables", "hf_eager", "hf_compile", "liger", "flash_attn")
 PASSES = ("fwd", "fwd_inplace", "fwd+bwd", "decode")
@@ -322,31 +324,7 @@ def _make_fn(method, pass_, enc, x: _Inputs):
 
 
 # -------------------------------------------------------------------------------------------- timing
-def _time_cuda(fn, warmup, iters, repeats):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (and compilation) off the capture
-        for _ in range(max(1, warmup)):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    mode, graph = "graph", None
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(iters):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        step = graph.replay
-    except Exception:
-        graph, mode = None, "eager"
-        torch.cuda.synchronize()
-
-        def step():
-            for _ in range(iters):
-                fn()
-        step()
+def _event_median(step, iters, repeats):
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -355,8 +333,41 @@ def _time_cuda(fn, warmup, iters, repeats):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / iters)
+    return statistics.median(times)
+
+
+def _time_cuda(fn, warmup, iters, repeats):
+    """(graph µs, eager µs, mode): CUDA-event medians per call of `iters` calls replayed from a CUDA graph
+    (launch gaps out; None where the method cannot be captured) and of the same calls issued from Python
+    (what an eager model pays: host time per call shows wherever it exceeds the kernel's)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and compilation) off the capture
+        for _ in range(max(1, warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    def eager():
+        for _ in range(iters):
+            fn()
+    eager()
+    torch.cuda.synchronize()
+    eager_us = _event_median(eager, iters, repeats)
+    graph_us, mode, graph = None, "graph", None
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        graph_us = _event_median(graph.replay, iters, repeats)
+    except Exception:
+        mode = "eager"
+        torch.cuda.synchronize()
     del graph
-    return statistics.median(times), mode
+    return graph_us, eager_us, mode
 
 
 def _time_cpu(fn, warmup, iters):
@@ -422,6 +433,16 @@ def run(device: str = "cpu", shapes=None, dtypes=None, encodings=None, methods=N
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch.cuda.is_available() is False")
+    e2e = [s for s in ([shapes] if isinstance(shapes, str) else shapes or []) if isinstance(s, str)
+           and s in E2E_PRESETS]
+    if e2e:  # the end-to-end presets time a model, not cases
+        if len(e2e) != 1 or not isinstance(shapes, str) and len(shapes) != 1 or encodings or passes or dtypes:
+            raise ValueError(f"the {e2e[0]!r} preset times a whole model: no other shapes, encodings, passes "
+                             "or dtypes with it")
+        if methods and any(mm not in E2E_METHODS for mm in methods):
+            raise ValueError(f"methods: the {e2e[0]!r} preset compares {', '.join(E2E_METHODS)}")
+        return run_e2e(device, e2e[0], progress=progress, methods=methods,
+                       **{k: v for k, v in (("warmup", warmup), ("iters", iters)) if v is not None})
     cases, extra = _cases(device, shapes, encodings, passes)
     dtypes = [_dtype(d) for d in (dtypes or extra.get("dtypes") or
                                   (["bfloat16"] if device == "cuda" else ["float32", "bfloat16"]))]
@@ -452,7 +473,7 @@ def run(device: str = "cpu", shapes=None, dtypes=None, encodings=None, methods=N
         nbytes *= 2 if grad else 1
         # decode-sized problems are launch-bound: more calls per graph
         n_iter = iters * (10 if device == "cuda" and nbytes < (64 << 20) else 1)
-        copy_us = None
+        copy_us = copy_eager_us = None
         check_in = None  # fresh inputs for the checks, shared by every method of this case
         reference = None
         for method in methods:
@@ -463,7 +484,8 @@ def run(device: str = "cpu", shapes=None, dtypes=None, encodings=None, methods=N
             row = {**meta, "shape": shape.name, "B": shape.batch, "S": shape.seq, "Hq": shape.q_heads,
                    "Hk": shape.kv_heads, "D": shape.head_dim, "dtype": str(dtype).replace("torch.", ""),
                    "encoding": case.encoding, "rotated_fraction": round(frac, 4), "pass": pass_,
-                   "method": method, "us": None, "GB/s": None, "x_copy": None, "timing": None, "check": None}
+                   "method": method, "us": None, "GB/s": None, "x_copy": None, "us_eager": None,
+                   "x_copy_eager": None, "timing": None, "check": None}
             rows.append(row)
             if skip[method]:
                 row["check"] = skip[method]
@@ -491,16 +513,22 @@ def run(device: str = "cpu", shapes=None, dtypes=None, encodings=None, methods=N
                 x = _Inputs(shape, dtype, device, enc, pass_, grad)
                 fn = _make_fn(method, pass_, enc, x)
                 if device == "cuda":
-                    us, mode = _time_cuda(fn, warmup, n_iter, repeats)
-                else:
-                    us, mode = _time_cpu(fn, warmup, iters)
+                    graph_us, eager_us, mode = _time_cuda(fn, warmup, n_iter, repeats)
+                    us = graph_us if graph_us is not None else eager_us
+                else:  # CPU calls are eager anyway
+                    eager_us, mode = None, "perf_counter"
+                    us, _ = _time_cpu(fn, warmup, iters)
                 del fn, x
                 moved = nbytes // 2 if grad and method == "copy" else nbytes  # the copy is one pass
                 row.update({"us": round(us, 2), "timing": mode, "GB/s": round(moved / us / 1e3, 1)})
+                if eager_us is not None:
+                    row["us_eager"] = round(eager_us, 2)
                 if method == "copy":
-                    copy_us = us
+                    copy_us, copy_eager_us = us, eager_us
                 if copy_us:
                     row["x_copy"] = round(us / copy_us, 3)
+                if eager_us is not None and copy_eager_us:
+                    row["x_copy_eager"] = round(eager_us / copy_eager_us, 3)
             except Exception as exc:  # one broken method must not sink the run
                 msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
                 row["check"] = f"failed: {type(exc).__name__}: {msg}"
@@ -510,21 +538,227 @@ def run(device: str = "cpu", shapes=None, dtypes=None, encodings=None, methods=N
     return rows
 
 
+# ------------------------------------------------------------------------------------------ end to end
+@dataclasses.dataclass(frozen=True)
+class E2EModel:
+    """A Llama-shaped model with random weights (built from a config: nothing downloaded) and the two workloads
+    timed on it: one training step (forward with labels, backward, AdamW step) at [train_batch, train_seq], and
+    greedy decoding of decode_tokens tokens at decode_batch rows after a decode_prompt-token prefill."""
+    name: str
+    hidden: int
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    train_batch: int
+    train_seq: int
+    decode_batch: int
+    decode_prompt: int
+    decode_tokens: int
+
+
+# Llama-3.2-1B's shape (hidden 2048, 16 layers, 32/8 heads, head_dim 64, llama3 scaling, its full vocabulary)
+LLAMA_1B = E2EModel("llama3.2-1b", 2048, 16, 32, 8, 64, 8192, 128256, 4, 4096, 8, 128, 64)
+TINY_LLAMA = E2EModel("tiny-llama", 64, 2, 4, 2, 16, 128, 256, 2, 32, 2, 8, 4)
+E2E_METHODS = ("unpatched", "posenc", "liger")
+E2E_PRESETS = {"e2e": LLAMA_1B, "e2e-tiny": TINY_LLAMA}
+
+
+def _e2e_config(m: E2EModel):
+    from transformers import LlamaConfig
+    return LlamaConfig(
+        hidden_size=m.hidden, num_hidden_layers=m.layers, num_attention_heads=m.q_heads,
+        num_key_value_heads=m.kv_heads, head_dim=m.head_dim, intermediate_size=m.intermediate,
+        vocab_size=m.vocab, max_position_embeddings=131072, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        attn_implementation="sdpa")
+
+
+def _liger_rope():
+    """liger-kernel's rope on Llama (rope=True, every other kernel off); returns the undo, or raises."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    import transformers.models.llama.modeling_llama as modeling
+    saved = modeling.apply_rotary_pos_emb
+    apply_liger_kernel_to_llama(rope=True, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=False,
+                                swiglu=False)
+
+    def undo():
+        modeling.apply_rotary_pos_emb = saved
+    return undo
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _train_step_ms(model, ids, opt, device, warmup, iters):
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+@torch.no_grad()
+def _decode_ms(model, prompt, tokens, device, repeats):
+    """Median ms per token of greedy decoding (a DynamicCache, one token per row a step, eager), prefill out."""
+    import inspect
+    from transformers import DynamicCache
+    # the cache's keyword: `cache` in newer transformers (`past_key_values` deprecated), `past_key_values` before
+    key = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    times, generated = [], None
+    for _ in range(repeats + 1):  # the first run warms up
+        cache = DynamicCache()
+        out = model(input_ids=prompt, use_cache=True, **{key: cache})
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        seq = [nxt]
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(tokens - 1):
+            out = model(input_ids=nxt, use_cache=True, **{key: cache})
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq.append(nxt)
+        _sync(device)
+        times.append((time.perf_counter() - t0) / max(1, tokens - 1))
+        generated = torch.cat(seq, 1)
+    return statistics.median(times[1:]) * 1e3, generated
+
+
+def run_e2e(device: str = "cpu", model: E2EModel | str = "e2e", progress: Callable | None = None,
+            methods=None, warmup: int = 2, iters: int = 5, repeats: int = 3) -> list[dict]:
+    """Times one training step and greedy decoding of a Llama-shaped bf16 model (SDPA, eager, random weights)
+    unpatched, with posenc.patch(model, "rope") (the fused op in every layer, same tables) and with liger-kernel's
+    rope (GPU only, where liger_kernel imports). One row per (method, workload): ms (a step; a token for
+    decoding), x_unpatched, and a check: the patched model's loss equals the unpatched one's to bf16 rounding
+    (fresh weights are the same for every method: one seed) and its greedy tokens are compared."""
+    from posenc.hf import patch, unpatch
+    from transformers import LlamaForCausalLM
+    device = str(torch.device(device).type)
+    m = E2E_PRESETS[model] if isinstance(model, str) else model
+    methods = list(methods or E2E_METHODS)
+    meta = {"device": device, "device_name": _device_name(device), **_versions(), "kind": "e2e",
+            "model": m.name, "dtype": "bfloat16", "vocab": m.vocab}
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = LlamaForCausalLM(_e2e_config(m)).to(torch.bfloat16)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-6, foreach=True)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, m.vocab, (m.train_batch, m.train_seq), generator=gen).to(device)
+    prompt = torch.randint(0, m.vocab, (m.decode_batch, m.decode_prompt), generator=gen).to(device)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    rows, base = [], {}
+    total, done = 2 * len(methods), 0
+    for method in methods:
+        undo = None
+        row_t = {**meta, "method": method, "workload": f"train step B={m.train_batch} S={m.train_seq}",
+                 "unit": "ms/step", "ms": None, "x_unpatched": None, "check": None}
+        row_d = {**meta, "method": method, "workload": f"decode {m.decode_tokens} tokens B={m.decode_batch}",
+                 "unit": "ms/token", "ms": None, "x_unpatched": None, "check": None}
+        rows += [row_t, row_d]
+        try:
+            if method == "posenc":
+                patch(net, "rope")
+            elif method == "liger":
+                if device != "cuda":
+                    raise RuntimeError("GPU only")
+                undo = _liger_rope()
+            elif method != "unpatched":
+                raise ValueError(f"methods: unknown e2e method {method!r}; expected one of {E2E_METHODS}")
+            net.load_state_dict(state)  # the same weights for every method (AdamW steps moved them)
+            opt.state.clear()
+            with torch.no_grad():
+                loss = float(net(input_ids=ids, labels=ids).loss)
+            done += 1
+            if progress is not None:
+                progress(done, total, f"e2e {m.name} {method} train step")
+            net.train()
+            row_t["ms"] = round(_train_step_ms(net, ids, opt, device, warmup, iters), 3)
+            net.load_state_dict(state)
+            net.eval()
+            done += 1
+            if progress is not None:
+                progress(done, total, f"e2e {m.name} {method} decode")
+            ms, tokens = _decode_ms(net, prompt, m.decode_tokens, device, repeats)
+            row_d["ms"] = round(ms, 3)
+            if method == "unpatched":
+                base = {"loss": loss, "tokens": tokens, "train": row_t["ms"], "decode": row_d["ms"]}
+                row_t["check"] = row_d["check"] = "baseline"
+            elif base:
+                rel = abs(loss - base["loss"]) / max(1e-30, abs(base["loss"]))
+                row_t["check"] = ("ok" if rel <= 1e-3 else f"MISMATCH loss {loss:.6f} vs {base['loss']:.6f}")
+                row_t["loss_rel_diff"] = rel
+                same = float((tokens == base["tokens"]).float().mean())
+                row_d["check"] = "ok" if same == 1.0 else f"{same:.0%} of greedy tokens as unpatched"
+                row_t["x_unpatched"] = round(row_t["ms"] / base["train"], 3)
+                row_d["x_unpatched"] = round(row_d["ms"] / base["decode"], 3)
+            row_t["loss"] = loss
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+            for r in (row_t, row_d):
+                if r["check"] is None:
+                    r["check"] = ("GPU only" if msg == "GPU only" else
+                                  f"failed: {type(exc).__name__}: {msg}")
+        finally:
+            if method == "posenc":
+                unpatch(net)
+            if undo is not None:
+                undo()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _format_e2e(rows: list[dict]) -> str:
+    head = rows[0]
+    lines = [f"device: {head['device_name']} | torch {head['torch']} | posenc {head['posenc']} | "
+             f"transformers {head.get('transformers')} | liger-kernel {head.get('liger_kernel')}",
+             f"model: {head['model']} (random weights, vocab {head['vocab']}), {head['dtype']}, SDPA, eager"]
+    cols = ["workload", "method", "ms", "unit", "x_unpatched", "check"]
+    table = [[("-" if r.get(c) is None else (f"{r[c]:.2f}" if c == "ms" else str(r[c]))) for c in cols]
+             for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    lines += [line(cols), line(["-" * w for w in widths])]
+    for t in sorted(table, key=lambda t: t[0], reverse=True):
+        lines.append(line(t))
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------- outputs
 def format_table(rows: list[dict]) -> str:
     """A plain-text table: one line per row, grouped by case."""
     if not rows:
         return "(no rows)"
+    if rows[0].get("kind") == "e2e":
+        return _format_e2e(rows)
     head = rows[0]
     lines = [f"device: {head['device_name']} | torch {head['torch']} | posenc {head['posenc']} | "
              f"transformers {head.get('transformers')} | liger-kernel {head.get('liger_kernel')}"]
-    cols = ["shape", "encoding", "pass", "dtype", "method", "us", "GB/s", "x_copy", "timing", "check"]
+    cols = ["shape", "encoding", "pass", "dtype", "method", "us", "GB/s", "x_copy", "us_eager", "x_copy_eager",
+            "timing", "check"]
     fmt = {"us": lambda v: f"{v:.1f}" if v is not None else "-",
+           "us_eager": lambda v: f"{v:.1f}" if v is not None else "-",
+           "x_copy_eager": lambda v: f"{v:.3f}" if v is not None else "-",
            "GB/s": lambda v: f"{v:.0f}" if v is not None else "-",
            "x_copy": lambda v: f"{v:.3f}" if v is not None else "-"}
     table = [[fmt.get(c, lambda v: "-" if v is None else str(v))(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
-    right = {"us", "GB/s", "x_copy"}
+    right = {"us", "GB/s", "x_copy", "us_eager", "x_copy_eager"}
 
     def line(vals):
         return "  ".join(v.rjust(w) if c in right else v.ljust(w) for c, v, w in zip(cols, vals, widths)).rstrip()
@@ -554,12 +788,18 @@ def plot(rows: list[dict], path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ImportError("posenc.bench.plot needs matplotlib (pip install matplotlib)") from exc
+    if rows and rows[0].get("kind") == "e2e":
+        rows = [{**r, "shape": r["model"], "encoding": r["workload"], "pass": r["unit"],
+                 "x_copy": r["x_unpatched"] if r["method"] != "unpatched" else (1.0 if r["ms"] else None)}
+                for r in rows]
+        methods = [m for m in E2E_METHODS if any(r["method"] == m and r["x_copy"] for r in rows)]
+    else:
+        methods = [m for m in METHODS if any(r["method"] == m and r["x_copy"] is not None for r in rows)]
     cases = []
     for r in rows:
         key = (r["shape"], r["encoding"], r["pass"], r["dtype"])
         if key not in cases:
             cases.append(key)
-    methods = [m for m in METHODS if any(r["method"] == m and r["x_copy"] is not None for r in rows)]
     fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(cases) * max(1, len(methods)) / 3), 5))
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One run on a CUDA machine (no network needed), in under 10 minutes: build posenc with its CUDA op, run the
-# whole test suite (CPU and GPU tests), run the GPU benchmark and the memory-floor measurement
+# whole test suite (CPU and GPU tests), run the GPU benchmark (CUDA-graph and eager times), the end-to-end
+# preset (a Llama-3.2-1B-shaped model: a training step and greedy decoding) and the memory-floor measurement
 # (benchmarks/access_floor.cu). Log, JSON, PNG and tables go to $OUT (default ./out).
 #   OUT=/tmp/out bash scripts/gpu_check.sh
 # Pure-Python wheels found in .whl/ (e.g. liger-kernel, which the benchmark compares with) are put on
@@ -47,6 +48,9 @@ $PY -m pytest -q -p no:cacheprovider --durations=10 $XDIST ${PYTEST_ARGS:-} ${TE
 step "benchmark"
 $PY benchmarks/bench_rotary.py --device cuda --preset "${BENCH_PRESET:-gpu}" --json "$OUT/bench.json" --plot "$OUT/bench.png" \
   2> "$OUT/bench_progress.log" | tee "$OUT/bench.txt" || status=1
+step "end to end (Llama-3.2-1B shape, random weights, bf16, SDPA, eager: unpatched / posenc rope / liger rope)"
+$PY -m posenc bench --device cuda --preset e2e --json "$OUT/e2e.json" --plot "$OUT/e2e.png" \
+  2> "$OUT/e2e_progress.log" | tee "$OUT/e2e.txt" || status=1
 step "memory floor (benchmarks/access_floor.cu: the ideal access pattern of a partial in-place rotation)"
 if command -v nvcc >/dev/null 2>&1; then
   ARCH=$($PY -c 'import torch; print("sm_%d%d" % torch.cuda.get_device_capability())')

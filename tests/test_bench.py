@@ -1,0 +1,45 @@
+"""posenc.bench: the end-to-end preset on a tiny Llama (CPU, seconds) and the eager columns' bookkeeping."""
+import json
+
+import pytest
+import torch
+
+from posenc import bench
+
+
+def test_e2e_tiny_runs_and_checks_the_patched_model():
+    rows = bench.run(device="cpu", shapes="e2e-tiny", warmup=0, iters=1)
+    by = {(r["method"], r["unit"]): r for r in rows}
+    assert {m for m, _ in by} == set(bench.E2E_METHODS)
+    for unit in ("ms/step", "ms/token"):
+        assert by[("unpatched", unit)]["check"] == "baseline" and by[("unpatched", unit)]["ms"] > 0
+        posenc_row = by[("posenc", unit)]
+        assert posenc_row["check"] == "ok", posenc_row  # same loss / same greedy tokens as transformers' rope
+        assert posenc_row["x_unpatched"] > 0
+        assert by[("liger", unit)]["check"] == "GPU only" and by[("liger", unit)]["ms"] is None
+    assert by[("posenc", "ms/step")]["loss_rel_diff"] <= 1e-3
+    text = bench.format_table(rows)
+    assert "tiny-llama" in text and "ms/token" in text
+    json.dumps(rows, default=str)
+
+
+def test_e2e_preset_refuses_mixing_with_cases():
+    with pytest.raises(ValueError, match="whole model"):
+        bench.run(device="cpu", shapes=["e2e-tiny", "tiny"])
+    with pytest.raises(ValueError, match="compares"):
+        bench.run(device="cpu", shapes="e2e-tiny", methods=["hf_eager"])
+
+
+def test_e2e_model_matches_llama_3_2_1b_shape():
+    config = bench._e2e_config(bench.LLAMA_1B)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+            config.head_dim, config.vocab_size) == (2048, 16, 32, 8, 64, 128256)
+    assert config.rope_parameters["rope_type"] == "llama3"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_cuda_rows_carry_graph_and_eager_times():
+    rows = bench.run(device="cuda", shapes="tiny", warmup=1, iters=2, repeats=2)
+    for r in rows:
+        if r["us"] is not None:
+            assert r["us_eager"] > 0 and r["x_copy_eager"] > 0
