@@ -32,6 +32,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import nn
 
 from .encodings import ENCODINGS, Encoding, get_encoding
@@ -119,7 +120,7 @@ def _bool_mask(keep, s, L, causal, device):
 def _sdpa_attention(q, k, v, keep, causal, dropout_p, scale):
     """q [b, s, h, d], k/v [b, L, hk, d]; returns [b, s, h, d]."""
     s, L = q.shape[1], k.shape[1]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    q, k, v = (rearrange(t, "b s h d -> b h s d") for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
     if keep is None and causal and s == L and s > 1:  # the fast path: no explicit mask at all
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale,
@@ -128,16 +129,15 @@ def _sdpa_attention(q, k, v, keep, causal, dropout_p, scale):
         mask = _bool_mask(keep, s, L, causal, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                              enable_gqa=gqa)
-    return out.transpose(1, 2)
+    return rearrange(out, "b h s d -> b s h d")
 
 
 def _eager_attention(q, k, v, keep, causal, dropout_p, scale):
     """softmax(q k^T * scale) v with float32 softmax; q [b, s, h, d], k/v [b, L, hk, d]."""
     s, L = q.shape[1], k.shape[1]
     groups = q.shape[2] // k.shape[2]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    q = rearrange(q, "b s h d -> b h s d")
+    k, v = (repeat(t, "b L h d -> b (h g) L d", g=groups) for t in (k, v))  # kv head i: queries i*g..(i+1)*g-1
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     mask = _bool_mask(keep, s, L, causal, q.device)
     if mask is not None:
@@ -145,7 +145,7 @@ def _eager_attention(q, k, v, keep, causal, dropout_p, scale):
     weights = torch.softmax(scores, -1).to(v.dtype)
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
-    return torch.matmul(weights, v).transpose(1, 2)
+    return rearrange(torch.matmul(weights, v), "b h s d -> b s h d")
 
 
 _ATTEND = {"flash": _flash_attention, "sdpa": _sdpa_attention, "eager": _eager_attention}
@@ -259,9 +259,9 @@ class Attention(nn.Module):
     divide evenly; given explicitly, q/o project to and from num_heads * head_dim). encoding: a name ("rope",
     "prope", "hope", "nope") built with head_dim and **encoding_kwargs (e.g. base=, p=, context_length=,
     scaling=), or an `Encoding` instance of matching head_dim; RoPEAttention, PRoPEAttention, HoPEAttention
-    and NoPEAttention are this class with another default encoding (pass it by keyword there). bias: bias on all four projections. dropout:
-    attention-probability dropout in training. causal: causal mask (False for encoders). backend: "auto",
-    "flash", "sdpa" or "eager" (see the module docstring).
+    and NoPEAttention are this class with another default encoding (pass it by keyword there). bias: bias on
+    all four projections. dropout: attention-probability dropout in training. causal: causal mask (False for
+    encoders). backend: "auto", "flash", "sdpa" or "eager" (see the module docstring).
 
     The encoding holds no weights (its buffers are not persistent), so state dicts are the same for every
     encoding and `layer.encoding = other` (an Encoding, or a name built with this layer's head_dim) swaps it
@@ -405,9 +405,8 @@ class Attention(nn.Module):
                 raise ValueError(f"positions must be on {x.device}, got {positions.device}")
             positions = positions.to(torch.int64).expand(b, s)
 
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        q, k, v = (rearrange(proj(x), "b s (h d) -> b s h d", d=self.head_dim)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         # Fresh projections: rotate them in place when autograd is off (inference, decoding).
         q, k = self.encoding.apply(q, k, positions, inplace=not torch.is_grad_enabled())
         backend = self._choose_backend(q)  # before the cache changes: a refusal leaves it as it was
@@ -423,7 +422,7 @@ class Attention(nn.Module):
 
         dropout_p = self.dropout if self.training else 0.0
         out = _ATTEND[backend](q, k, v, keep, self.causal, dropout_p, self.scale)
-        out = self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+        out = self.o_proj(rearrange(out, "b s h d -> b s (h d)"))
         if keep is not None:
             out = out.masked_fill(~keep[:, past:, None], 0.0)
         return out
