@@ -327,6 +327,31 @@ def test_bench_tables_method_matches_posenc():
     assert len(tables) == 12 and all(r["check"] == "ok" for r in tables), [r["check"] for r in tables]
 
 
+def test_bench_encodings_are_specs_checked_before_any_timing():
+    from posenc import bench
+
+    def no_progress(*a):
+        raise AssertionError("the benchmark started before its encodings were checked")
+    for bad in ("hope:0", "yarn", "original", "hope@0-1", "rope:5"):
+        with pytest.raises(ValueError, match="encoding"):
+            bench.run("cpu", shapes="tiny", encodings=[bad], progress=no_progress)
+    with pytest.raises(ValueError, match="unknown encoding"):  # a preset or Case names one too
+        bench.run("cpu", shapes=[bench.Case(bench.TINY, "alibi")], progress=no_progress)
+    cases, _ = bench._cases("cpu", "llama-8b", ["p-rope:0.5", "HoPE"], None)  # aliases and case as specs do
+    assert sorted(c.encoding for c in cases) == ["hope:4096", "prope:0.5"]
+
+
+def test_bench_rotary_script_is_the_bench_command():
+    script = os.path.join(ROOT, "benchmarks", "bench_rotary.py")
+    r = subprocess.run([sys.executable, script, "--device", "cpu", "--preset", "tiny", "--iters", "1", "--json",
+                        "-q"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [row["method"] for row in json.loads(r.stdout)] == ["copy", "posenc", "hf_eager"]
+    r = subprocess.run([sys.executable, script, "--preset", "no-such-preset"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no-such-preset" in r.stderr
+
+
 # ------------------------------------------------------------------------------------------- python -m posenc
 def _python_m(*argv):
     return subprocess.run([sys.executable, "-m", "posenc", *argv], cwd=ROOT, capture_output=True, text=True,

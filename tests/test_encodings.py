@@ -363,3 +363,31 @@ def test_encoding_class_resolves_names_without_building():
         posenc.encodings.encoding_class("alibi")
     with pytest.raises(TypeError, match="encoding name"):
         posenc.encodings.encoding_class(3)
+
+
+def test_each_encoding_declares_its_options_and_masks_given_frequencies():
+    """`options` names each encoding's own arguments (kept as attributes); `mask` applies the encoding's rule to
+    frequencies from elsewhere (a model's own, as the patcher uses it), checked here by hand."""
+    assert {cls.name: cls.options for cls in posenc.ENCODINGS.values()} == {
+        "rope": (), "prope": ("p",), "hope": ("context_length",), "nope": ()}
+    hope, prope = posenc.HoPE(16, context_length=100), posenc.PRoPE(16, p=0.5)
+    assert (hope.context_length, prope.p) == (100, 0.5)
+    inv = torch.tensor([1.0, 0.5, 0.1, 0.01, 1e-3, 1e-4], dtype=torch.float64)  # 6 pairs, not the encodings' 8
+    first_three = torch.tensor([1.0, 0.5, 0.1, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert torch.equal(hope.mask(inv), first_three)  # wavelengths 6.3, 12.6, 62.8 tokens <= 100 < 628
+    assert torch.equal(prope.mask(inv), first_three)  # int(0.5 * 6) = 3 of the 6 pairs given
+    assert torch.equal(posenc.RoPE(16).mask(inv), inv)
+    assert torch.equal(posenc.NoPE(16).mask(inv), torch.zeros_like(inv))
+
+
+def test_rotated_pairs_and_the_pairs_the_op_visits():
+    from posenc.encodings import op_pairs_of, rotated_pairs_of
+    assert rotated_pairs_of(torch.tensor([1.0, 0.5, 0.0, 0.0])) == 2
+    assert rotated_pairs_of(torch.zeros(4)) == 0
+    assert (op_pairs_of(2, 4, 1.0), op_pairs_of(2, 4, 1.25)) == (2, 4)
+    # yarn's attention scale multiplies the frozen pairs too: the op must visit all 32 of NoPE's
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    nope = posenc.NoPE(64, scaling=yarn)
+    assert nope.attention_scale != 1.0 and (nope.rotated_pairs, nope.op_pairs) == (0, 32)
+    hope = posenc.HoPE(64, context_length=64)
+    assert (hope.rotated_pairs, hope.op_pairs) == (rotated_pairs_of(hope.inv_freq64),) * 2
