@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
@@ -317,7 +318,7 @@ TORCH_LIBRARY_IMPL(posenc, CPU, m) {
   m.impl("rotary_", &posenc::rotary_cpu_);
 }
 
-// posenc::rotary_ and autograd, for every device (here rather than in ops.cpp, which the CUDA emulator compiles
+// posenc::rotary_ and autograd (and posenc::rotary's autograd, below), for every device (here rather than in ops.cpp, which the CUDA emulator compiles
 // too). Autograd: the op cannot record its write for autograd by itself, so with grad enabled it refuses q or k
 // that require grad (posenc.apply_rotary(..., inplace=True) records it). ADInplaceOrView: the write moves q's
 // and k's version counters, so that a backward needing their old values raises instead of reading new ones.
@@ -354,8 +355,74 @@ void rotary_inplace_or_view_(c10::DispatchKeySet ks, const at::Tensor& q, const 
   torch::autograd::impl::bump_version(k);
 }
 
+// posenc::rotary's autograd, in C++ (a Python autograd kernel costs tens of microseconds a call in host time):
+// the map is linear in q and k and orthogonal up to `scale`, so its transpose is the opposite rotation. The
+// tables, positions and scalars are constants; the backward goes through the dispatcher (double backward too).
+using RotarySig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&, const at::Tensor&, double,
+                                                     int64_t, int64_t, bool, bool);
+
+const c10::TypedOperatorHandle<RotarySig>& rotary_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("posenc::rotary", "").typed<RotarySig>();
+  return op;
+}
+
+class RotaryFunction : public torch::autograd::Function<RotaryFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+      const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+      const std::optional<at::Tensor>& inv_freq, const at::Tensor& positions, double scale, int64_t rotary_dim,
+      int64_t rotated_pairs, bool interleaved, bool inverse) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [q_out, k_out] = rotary_op().call(q, k, cos, sin, inv_freq, positions, scale, rotary_dim, rotated_pairs,
+                                           interleaved, inverse);
+    if (q.requires_grad() || k.requires_grad()) {
+      ctx->saved_data["cos"] = cos;
+      ctx->saved_data["sin"] = sin;
+      ctx->saved_data["inv_freq"] = inv_freq;
+      ctx->saved_data["positions"] = positions;
+      ctx->saved_data["scale"] = scale;
+      ctx->saved_data["rotary_dim"] = rotary_dim;
+      ctx->saved_data["rotated_pairs"] = rotated_pairs;
+      ctx->saved_data["interleaved"] = interleaved;
+      ctx->saved_data["inverse"] = inverse;
+    }
+    return {q_out, k_out};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto& d = ctx->saved_data;
+    auto [grad_q, grad_k] = rotary_op().call(
+        grads[0], grads[1], d["cos"].toOptional<at::Tensor>(), d["sin"].toOptional<at::Tensor>(),
+        d["inv_freq"].toOptional<at::Tensor>(), d["positions"].toTensor(), d["scale"].toDouble(),
+        d["rotary_dim"].toInt(), d["rotated_pairs"].toInt(), d["interleaved"].toBool(), !d["inverse"].toBool());
+    torch::autograd::variable_list out(11);
+    out[0] = grad_q;
+    out[1] = grad_k;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> rotary_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                   const std::optional<at::Tensor>& cos,
+                                                   const std::optional<at::Tensor>& sin,
+                                                   const std::optional<at::Tensor>& inv_freq,
+                                                   const at::Tensor& positions, double scale, int64_t rotary_dim,
+                                                   int64_t rotated_pairs, bool interleaved, bool inverse) {
+  auto out = RotaryFunction::apply(q, k, cos, sin, inv_freq, positions, scale, rotary_dim, rotated_pairs,
+                                   interleaved, inverse);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace posenc
 
-TORCH_LIBRARY_IMPL(posenc, Autograd, m) { m.impl("rotary_", TORCH_FN(posenc::rotary_autograd_)); }
+TORCH_LIBRARY_IMPL(posenc, Autograd, m) {
+  m.impl("rotary_", TORCH_FN(posenc::rotary_autograd_));
+  m.impl("rotary", TORCH_FN(posenc::rotary_autograd));
+}
 TORCH_LIBRARY_IMPL(posenc, ADInplaceOrView, m) { m.impl("rotary_", TORCH_FN(posenc::rotary_inplace_or_view_)); }

@@ -228,7 +228,8 @@ def _backward(ctx, grad_q, grad_k):
     return (grad_q, grad_k) + (None,) * 9
 
 
-torch.library.register_autograd("posenc::rotary", _backward, setup_context=_setup_context)
+if not _has_kernel("Autograd"):  # posenc._C registers the same autograd in C++ (csrc/rotary_cpu.cpp)
+    torch.library.register_autograd("posenc::rotary", _backward, setup_context=_setup_context)
 
 
 def _rotate_grad(ctx, grad):
