@@ -329,6 +329,78 @@ def _table_half(name, t, rotary_dim, interleaved):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_ROTARY = torch.ops.posenc.rotary.default
+_FAST_DTYPES = frozenset(_DTYPES)
+_DEFAULT_POSITIONS: dict = {}  # (device, batch, seq) -> int64 [batch, seq] view of 0..seq-1, built once
+
+
+def _default_positions(batch, seq, device):
+    """0..seq-1 for every row, [batch, seq] (batch stride 0), cached: no allocation per call in eager code.
+    Not cached while tracing (torch.compile) or capturing a CUDA graph (whose kernels run only on replay)."""
+    key = (device, batch, seq)
+    positions = _DEFAULT_POSITIONS.get(key)
+    if positions is None:
+        positions = torch.arange(seq, device=device).expand(batch, seq)
+        if not _tracing():
+            if len(_DEFAULT_POSITIONS) >= 64:
+                _DEFAULT_POSITIONS.clear()
+            _DEFAULT_POSITIONS[key] = positions
+    return positions
+
+
+def _fast_rotary(q, k, positions, inv_freq, scale, rotary_dim, rotated_pairs, interleaved, layout, inverse):
+    """The common call, out of place with float64 inv_freq (Encoding.apply), checked with cheap tests only and
+    run on the op directly; None where any test fails or the call needs more (the full path then checks and
+    explains). Accepts exactly what the full path accepts for these arguments, and passes the op the same."""
+    if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(inv_freq) is not torch.Tensor
+            or q.dtype not in _FAST_DTYPES or k.dtype != q.dtype or q.layout != torch.strided
+            or k.layout != torch.strided or q.dim() != 4 or k.dim() != 4 or type(scale) not in (float, int)
+            or not math.isfinite(scale) or inv_freq.dtype != torch.float64 or inv_freq.dim() != 1
+            or inv_freq.layout != torch.strided or not inv_freq.is_contiguous()):
+        return None
+    if layout == "bshd":
+        q4, k4 = q, k
+    elif layout == "bhsd":
+        q4, k4 = q.transpose(1, 2), k.transpose(1, 2)
+    else:
+        return None
+    batch, seq, _, head_dim = q4.shape
+    kb, ks, _, kd = k4.shape
+    device = q.device
+    if (kb != batch or ks != seq or kd != head_dim or head_dim % 2 or head_dim > MAX_HEAD_DIM
+            or k.device != device or inv_freq.device != device
+            or (device.type == "cpu" and not _HAS_CPU_KERNEL)):  # there, the angles need the full path's check
+        return None
+    if rotary_dim is None:
+        rotary_dim = head_dim
+    elif type(rotary_dim) is not int or rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
+        return None
+    half = rotary_dim // 2
+    if rotated_pairs is None:
+        rotated_pairs = half
+    elif type(rotated_pairs) is not int or not 0 <= rotated_pairs <= half:
+        return None
+    if inv_freq.shape[0] != half:
+        return None
+    if positions is None:
+        positions = _default_positions(batch, seq, device)
+    elif (type(positions) is not torch.Tensor or positions.dtype != torch.int64 or positions.device != device
+          or positions.layout != torch.strided):
+        return None
+    elif positions.dim() == 2 and positions.shape[1] == seq and positions.shape[0] in (batch, 1):
+        if positions.shape[0] != batch:
+            positions = positions.expand(batch, seq)
+    elif positions.dim() == 1 and positions.shape[0] == seq:
+        positions = positions.expand(batch, seq)
+    else:
+        return None
+    q_out, k_out = _ROTARY(q4, k4, None, None, inv_freq, positions, float(scale), rotary_dim, rotated_pairs,
+                           bool(interleaved), bool(inverse))
+    if layout == "bhsd":
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+    return q_out, k_out
+
+
 def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, scale=1.0, rotary_dim=None,
                  rotated_pairs=None, interleaved=False, layout="bshd", inplace=False, cu_seqlens=None,
                  inverse=False):
@@ -350,6 +422,11 @@ def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, sca
     inside autograd and on views, which the op's schema and a version bump tell about) and returns them; it
     refuses q and k that share memory with each other or within themselves (expand()).
     """
+    if inv_freq is not None and cos is None and sin is None and not inplace and cu_seqlens is None:
+        out = _fast_rotary(q, k, positions, inv_freq, scale, rotary_dim, rotated_pairs, interleaved, layout,
+                           inverse)
+        if out is not None:
+            return out
     _check_tensor("q", q)
     _check_tensor("k", k)
     if q.dtype != k.dtype:

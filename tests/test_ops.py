@@ -173,3 +173,47 @@ def test_special_values_convert_exactly(dtype):
         finite = torch.isfinite(want)  # sin/cos libraries may differ by an ulp: two rounding steps of the pair
         bound = 2 * info.eps * pair_magnitude(x).to(got.dtype).float()
         assert ((got.float() - want.float()).abs() <= bound)[finite].all()
+
+
+def test_fast_path_matches_the_full_path_and_refuses_the_same():
+    """apply_rotary's common call (out of place, float64 inv_freq) takes a short path; it must hand the op the same
+    arguments as the full path, and every input it does not accept must reach the full path's checks."""
+    from posenc import ops
+    inv = 10_000.0 ** (-torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    q, k = torch.randn(3, 6, 4, 32), torch.randn(3, 6, 2, 32)
+    pos2 = torch.randint(0, 1000, (3, 6))
+    cases = [dict(), dict(positions=pos2), dict(positions=pos2[:1]), dict(positions=pos2[0]),
+             dict(positions=pos2[0].int()), dict(rotated_pairs=5, scale=1.5), dict(rotary_dim=16, inverse=True),
+             dict(interleaved=True, positions=pos2)]
+    for kw in cases:
+        want_pos = kw.get("positions", torch.arange(6))
+        want_pos = want_pos.long().reshape(-1, 6).expand(3, 6)
+        rd = kw.get("rotary_dim", 32)
+        args = (None, None, inv[: rd // 2].contiguous(), want_pos, float(kw.get("scale", 1.0)), rd,
+                kw.get("rotated_pairs", rd // 2), kw.get("interleaved", False), kw.get("inverse", False))
+        want = rotary_reference(q, k, *args)
+        call = {**kw, "inv_freq": args[2]}
+        for got in (ops.apply_rotary(q, k, **call),
+                    [t.transpose(1, 2) for t in ops.apply_rotary(q.transpose(1, 2), k.transpose(1, 2),
+                                                                 layout="bhsd", **call)]):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=2e-6, rtol=2e-6)
+    # the default positions are cached, and outputs never alias them or the inputs
+    a = ops.apply_rotary(q, k, inv_freq=inv)
+    b = ops.apply_rotary(q, k, inv_freq=inv)
+    assert a[0].data_ptr() != b[0].data_ptr() and torch.equal(a[0], b[0])
+    bad = [(dict(inv_freq=inv[:-1]), ValueError, "inv_freq must be"),
+           (dict(inv_freq=inv, positions=pos2.float()), TypeError, "positions must be an integer"),
+           (dict(inv_freq=inv, positions=pos2[:, :5]), ValueError, "positions must be shaped"),
+           (dict(inv_freq=inv, rotary_dim=31), ValueError, "rotary_dim must be even"),
+           (dict(inv_freq=inv, rotated_pairs=17), ValueError, "rotated_pairs must be in"),
+           (dict(inv_freq=inv, scale=float("nan")), ValueError, "scale must be a finite"),
+           (dict(inv_freq=inv, layout="bsdh"), ValueError, "layout must be"),
+           (dict(inv_freq=inv, positions=torch.tensor([[2**40] * 6] * 3)), ValueError, "2\\^28")]
+    for kw, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            ops.apply_rotary(q, k, **kw)
+    with pytest.raises(TypeError, match="same dtype"):
+        ops.apply_rotary(q, k.double(), inv_freq=inv)
+    with pytest.raises(ValueError, match="agree on"):
+        ops.apply_rotary(q, k[:, :5], inv_freq=inv)
