@@ -81,15 +81,21 @@ RotaryParams make_params(const at::Tensor& q, const at::Tensor& k, const std::op
     TORCH_CHECK_VALUE(cos.has_value() && sin.has_value(), "posenc::rotary: give cos and sin, or inv_freq");
     const auto& c = *cos;
     const auto& s = *sin;
+    const auto table_dtype = c.scalar_type();
+    TORCH_CHECK_TYPE(table_dtype == at::kFloat || table_dtype == at::kBFloat16 || table_dtype == at::kHalf,
+                     "posenc::rotary: cos/sin tables must be float32, bfloat16 or float16, got ", table_dtype);
     for (const auto* t : {&c, &s}) {
-      TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "posenc::rotary: cos/sin tables must be float32");
+      TORCH_CHECK_TYPE(t->scalar_type() == table_dtype, "posenc::rotary: cos and sin must have one dtype");
       TORCH_CHECK_VALUE(t->dim() == 2 && t->size(1) >= rotated_pairs && (t->size(1) == 1 || t->stride(1) == 1) &&
                             t->device() == q.device(),
                         "posenc::rotary: cos/sin must be [rows, >= rotated_pairs] with unit column stride on q's device");
     }
     TORCH_CHECK_VALUE(c.sizes() == s.sizes() && c.strides() == s.strides(), "posenc::rotary: cos and sin must match");
-    p.cos = c.data_ptr<float>();
-    p.sin = s.data_ptr<float>();
+    p.cos = c.data_ptr();
+    p.sin = s.data_ptr();
+    p.table_type = table_dtype == at::kFloat      ? TableType::kFloat32
+                   : table_dtype == at::kBFloat16 ? TableType::kBFloat16
+                                                  : TableType::kFloat16;
     p.table_rows = c.size(0);
     p.table_stride = c.stride(0);
   }

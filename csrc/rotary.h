@@ -9,6 +9,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #define POSENC_HD __host__ __device__ __forceinline__
@@ -24,6 +25,9 @@ constexpr int kMaxHeadDim = 512;
 // (1.2e-7), but 4.6e-7 (measured) at 2^32 and 0.13 at 2^50; past 2^53 an angle has no fractional bits left.
 constexpr double kMaxAngle = 268435456.0;
 
+// The storage type of the cos/sin tables: the model's dtype as transformers hands them over (float32 otherwise).
+enum class TableType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
 struct RotaryTensor {
   void* data;
   int64_t heads;
@@ -36,12 +40,15 @@ struct RotaryParams {
   const int64_t* positions;  // [batch, seq] with strides pos_stride (batch stride may be 0)
   int64_t pos_stride[2];
   // Angle source, exactly one of:
-  //  - tables: float32 cos/sin [table_rows, >= rotated_pairs], row stride table_stride, indexed by position
+  //  - tables: cos/sin [table_rows, >= rotated_pairs] stored as table_type (float32, bfloat16 or float16: read
+  //    exactly, converted to the arithmetic type), row stride table_stride, unit column stride, indexed by
+  //    position
   //  - inv_freq: float64 [>= rotated_pairs]; angle = position * inv_freq formed and reduced mod 2*pi in
   //    float64 before a float32 sin/cos. Accurate for |angle| <= kMaxAngle (below): the CPU launcher refuses
   //    larger angles; the CUDA one computes them all the same way (checking would need a host sync).
-  const float* cos;
-  const float* sin;
+  const void* cos;
+  const void* sin;
+  TableType table_type;
   int64_t table_rows, table_stride;
   const double* inv_freq;
   float scale;     // multiplies cos and sin (YaRN / LongRoPE attention scaling); 1 otherwise
@@ -84,6 +91,28 @@ POSENC_HD void angle_cos_sin(const RotaryParams& p, int64_t pos, double w, Acc& 
   scale_cos_sin(p, c, s);
 }
 
+POSENC_HD float float_of_bits(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+#endif
+}
+
+// Element idx of a table, exactly (bfloat16 and float16 are subsets of float32).
+POSENC_HD float table_value(const void* table, TableType type, int64_t idx) {
+  if (type == TableType::kFloat32) return static_cast<const float*>(table)[idx];
+  const uint32_t h = static_cast<const uint16_t*>(table)[idx];
+  if (type == TableType::kBFloat16) return float_of_bits(h << 16);
+  const uint32_t sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  if (exponent == 0x1f) return float_of_bits(sign | 0x7f800000u | (mantissa << 13));  // inf, nan
+  if (exponent != 0) return float_of_bits(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  const float subnormal = static_cast<float>(mantissa) * 5.9604644775390625e-08f;  // mantissa * 2^-24, exact
+  return sign ? -subnormal : subnormal;
+}
+
 // cos/sin of pair i at position pos, from inv_freq or from the tables; scale and sign as above.
 template <typename Acc>
 POSENC_HD void pair_cos_sin(const RotaryParams& p, int64_t pos, int i, Acc& c, Acc& s) {
@@ -91,8 +120,8 @@ POSENC_HD void pair_cos_sin(const RotaryParams& p, int64_t pos, int i, Acc& c, A
     angle_cos_sin(p, pos, p.inv_freq[i], c, s);
     return;
   }
-  c = p.cos[pos * p.table_stride + i];
-  s = p.sin[pos * p.table_stride + i];
+  c = table_value(p.cos, p.table_type, pos * p.table_stride + i);
+  s = table_value(p.sin, p.table_type, pos * p.table_stride + i);
   scale_cos_sin(p, c, s);
 }
 

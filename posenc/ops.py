@@ -7,7 +7,8 @@ One op rotates q and k together (one launch), in two registered forms:
     posenc::rotary_(q!, k!, ...same...) -> ()                     # in place; the schema declares the mutation
 
 q, k: [batch, seq, heads, head_dim], any strides. positions: int64 [batch, seq] (batch stride may be 0).
-The angle of pair i at position m comes from float32 tables (cos[m, i], sin[m, i]) or from float64 inverse
+The angle of pair i at position m comes from tables (cos[m, i], sin[m, i]; float32, bfloat16 or float16, read
+exactly, unit column stride, any row stride) or from float64 inverse
 frequencies (m * inv_freq[i], reduced modulo 2*pi in float64 before a float32 sin/cos; accurate while
 |m * inv_freq[i]| <= MAX_ANGLE = 2^28). `rotated_pairs` pairs (from the fastest) rotate; the others are copied
 out of place and left untouched in place. In place, q and k must not share memory with each other or with
@@ -317,16 +318,50 @@ def _positions_from_cu_seqlens(cu_seqlens, total, device):
     return torch.arange(total, device=device) - starts
 
 
+_TABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels read as stored
+
+
 def _table_half(name, t, rotary_dim, interleaved):
     """cos/sin as transformers builds them ([..., rotary_dim], halves duplicated) or half width
-    ([..., rotary_dim/2]) -> the float32 half the kernel reads."""
+    ([..., rotary_dim/2]) -> the half the kernel reads: a view of t (its first half; rows of any stride) in its
+    own dtype where the kernel reads that dtype (float32, bfloat16, float16), else float32; copied only for a
+    column stride other than 1 (interleaved tables, whose pairs' values sit at even columns)."""
     if t.shape[-1] == rotary_dim:
         t = t[..., ::2] if interleaved else t[..., : rotary_dim // 2]
     elif t.shape[-1] != rotary_dim // 2:
         raise ValueError(f"{name} must end in rotary_dim={rotary_dim} (halves duplicated) or "
                          f"rotary_dim/2={rotary_dim // 2} channels, got shape {tuple(t.shape)}")
-    t = t.to(torch.float32)
-    return t if t.stride(-1) == 1 else t.contiguous()
+    if t.dtype not in _TABLE_DTYPES:
+        t = t.to(torch.float32)
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _token_positions(batch, seq, device):
+    """0..batch*seq-1 as [batch, seq]: the row of each token in per-token tables flattened to [batch*seq, R]."""
+    key = (device, batch, seq, "tokens")
+    positions = _DEFAULT_POSITIONS.get(key)
+    if positions is None:
+        positions = torch.arange(batch * seq, device=device).view(batch, seq)
+        if not _tracing():
+            if len(_DEFAULT_POSITIONS) >= 64:
+                _DEFAULT_POSITIONS.clear()
+            _DEFAULT_POSITIONS[key] = positions
+    return positions
+
+
+def _per_token_tables(cos, sin, batch, seq, device):
+    """Tables with one row per token ([seq, R], or [batch or 1, seq, R], any strides) -> (cos rows, sin rows,
+    positions) for the op's tables indexed by position, as views: rows shared by every batch row (batch 1 or
+    batch stride 0, as transformers' position_ids [1, seq] give) are indexed by 0..seq-1."""
+    if cos.dim() == 2 and cos.shape[0] == seq:
+        return cos, sin, _default_positions(batch, seq, device)
+    if cos.dim() == 3 and cos.shape[:2] in ((batch, seq), (1, seq)):
+        if all(t.shape[0] == 1 or t.stride(0) == 0 for t in (cos, sin)):
+            return cos[0], sin[0], _default_positions(batch, seq, device)
+        rows = cos.reshape(-1, cos.shape[-1])  # a view where the strides allow
+        return rows, sin.reshape(rows.shape), _token_positions(batch, seq, device)
+    raise ValueError(f"without positions, cos/sin must be [seq={seq}, R] or [batch={batch}, seq={seq}, R]"
+                     f" (one row per token), got {tuple(cos.shape)}")
 
 
 _ROTARY = torch.ops.posenc.rotary.default
@@ -412,6 +447,8 @@ def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, sca
       cos, sin: tables as transformers builds them, last dim rotary_dim (halves duplicated) or rotary_dim/2.
         With positions=None they hold one row per token: [seq, R] or [batch, seq, R].
         With positions they are [rows, R] tables indexed by position.
+        Read as given (no copy) in float32, bfloat16 or float16 with any strides but a unit last-dim stride
+        (the first half of duplicated halves is a view); other float dtypes are converted to float32.
       inv_freq: [rotary_dim/2] inverse frequencies (any float dtype; angles formed in float64).
     positions: int [seq] or [batch, seq] (per-row offsets, left padding, KV-cache decoding); default 0..seq-1,
       or per-sequence 0..len-1 with cu_seqlens (given both, the positions are used and cu_seqlens is still
@@ -516,16 +553,9 @@ def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, sca
             if t.requires_grad and torch.is_grad_enabled():
                 raise ValueError(f"{name} requires grad, but the op treats cos/sin tables as constants")
         if positions is None:  # one row per token: [seq, R] or [batch, seq, R]
-            if cos.dim() == 2 and cos.shape[0] == seq:
-                rows, positions = cos, torch.arange(seq, device=device)
-            elif cos.dim() == 3 and cos.shape[:2] in ((batch, seq), (1, seq)):
-                rows = cos.reshape(-1, cos.shape[-1])
-                positions = torch.arange(rows.shape[0], device=device).view(cos.shape[0], seq)
-            else:
-                raise ValueError(f"without positions, cos/sin must be [seq={seq}, R] or [batch={batch}, seq={seq}, R]"
-                                 f" (one row per token), got {tuple(cos.shape)}")
-            tables = (_table_half("cos", rows, rotary_dim, interleaved),
-                      _table_half("sin", sin.reshape(rows.shape), rotary_dim, interleaved))
+            cos_rows, sin_rows, positions = _per_token_tables(cos, sin, batch, seq, device)
+            tables = (_table_half("cos", cos_rows, rotary_dim, interleaved),
+                      _table_half("sin", sin_rows, rotary_dim, interleaved))
         else:
             if cos.dim() != 2:
                 raise ValueError(f"with positions, cos/sin must be [rows, R] tables indexed by position, "

@@ -385,3 +385,34 @@ def test_float8_type_error(dtype):
     q = torch.zeros(2, 5, 4, 64, device=DEV, dtype=dtype)
     with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
         torch.ops.posenc.rotary(q, q.clone(), *op_args(False))
+
+
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_reads_half_tables_exactly(dtype, table_dtype):
+    """Tables in the model's dtype (strided views of duplicated halves, as the HF path passes them) give the bits
+    of the same tables converted to float32, on the GPU as on the CPU kernel; per-token tables through
+    apply_rotary equal the float64 rotation with the same tables."""
+    _needs_cuda_kernel()
+    full = torch.randn(50, 128, device=DEV).to(table_dtype)
+    if table_dtype == torch.float16:
+        full[0, :4] = torch.tensor([6e-8, -3e-6, float("inf"), float("nan")], dtype=table_dtype)
+    cos, sin = full[:, :64], full.flip(0)[:, :64]
+    pos = torch.randint(0, 50, (4, 50), device=DEV)
+    q, k = torch.randn(4, 50, 8, 128, device=DEV).to(dtype), torch.randn(4, 50, 2, 128, device=DEV).to(dtype)
+    rest = (None, pos, 1.0, 128, 64, False, False)
+    got = torch.ops.posenc.rotary(q, k, cos, sin, *rest)
+    want = torch.ops.posenc.rotary(q, k, cos.float(), sin.float(), *rest)
+    cpu = torch.ops.posenc.rotary(q.cpu(), k.cpu(), cos.cpu(), sin.cpu(), None, pos.cpu(), *rest[2:])
+    ints = torch.int16 if dtype != torch.float32 else torch.int32
+    for g, w, c in zip(got, want, cpu):
+        assert torch.equal(g.view(ints), w.view(ints))
+        torch.testing.assert_close(g.cpu(), c, equal_nan=True, atol=0, rtol=0)
+    ct, st = cos[1:].unsqueeze(0).repeat(1, 1, 2)[:, :49], sin[1:].unsqueeze(0).repeat(1, 1, 2)[:, :49]
+    qb, kb = q[:, :49].transpose(1, 2), k[:, :49].transpose(1, 2)
+    qo, ko = posenc.apply_rotary(qb, kb, ct, st, layout="bhsd")
+    for x, out in ((qb, qo), (kb, ko)):
+        c, s = ct.double()[:, None], st.double()[:, None]
+        xd = x.double()
+        want = xd * c + torch.cat([-xd[..., 64:], xd[..., :64]], -1) * s
+        assert (out.double() - want).abs().max() <= 2 * torch.finfo(dtype).eps * want.abs().max()

@@ -191,3 +191,29 @@ def test_emulated_kernel_inplace_refuses_shared_memory(emu):
     emu.rotary_(qkv[:, :, :4], qkv[:, :, 4:5], *args)  # heads of one buffer: separate elements
     for got, w, x in zip((qkv[:, :, :4], qkv[:, :, 4:5]), want, (x0[:, :, :4], x0[:, :, 4:5])):
         assert_close_to_64(got, w.double(), x, torch.float32)
+
+
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_emulated_kernel_reads_half_tables_exactly(emu, dtype, table_dtype):
+    """Tables stored as bfloat16/float16 (transformers' in the model's dtype), as strided views of the first half
+    of duplicated halves: the same bits as the same tables converted to float32 first (each value is exactly a
+    float32), also for float16's subnormals, infinities and NaN; 1 and 132 multiprocessors."""
+    g = torch.Generator().manual_seed(random.randrange(2**31))
+    D, batch, seq = 64, 2, 5
+    q, k = torch.randn(batch, seq, 4, D, generator=g).to(dtype), torch.randn(batch, seq, 2, D, generator=g).to(dtype)
+    full = torch.randn(11, D, generator=g).to(table_dtype)  # [rows, D]: halves duplicated, read through a view
+    if table_dtype == torch.float16:
+        full[0, :4] = torch.tensor([6e-8, -3e-6, float("inf"), float("nan")], dtype=table_dtype)
+    cos, sin = full[:, : D // 2], full.flip(0)[:, : D // 2]
+    pos = torch.randint(0, 11, (batch, seq), generator=g)
+    for multiprocessors in (132, 1):
+        emu.set_device(multiprocessors, *MEMORY["h200"])
+        for tables in ((cos, sin), (cos.float(), sin.float())):
+            args = (*tables, None, pos, 1.0, D, D // 2, False, False)
+            got = emu.rotary(q, k, *args)
+            if tables[0].dtype != torch.float32:
+                first = got
+        for a, b in zip(first, got):
+            assert torch.equal(a.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               b.view(torch.int16 if dtype != torch.float32 else torch.int32))

@@ -217,3 +217,60 @@ def test_fast_path_matches_the_full_path_and_refuses_the_same():
         ops.apply_rotary(q, k.double(), inv_freq=inv)
     with pytest.raises(ValueError, match="agree on"):
         ops.apply_rotary(q, k[:, :5], inv_freq=inv)
+
+
+@pytest.mark.skipif(not posenc.ops._HAS_CPU_KERNEL, reason="C++ kernel not built")
+@pytest.mark.parametrize("table_dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernel_reads_half_tables_exactly(table_dtype):
+    """bfloat16/float16 tables (strided views) give the bits of the same tables converted to float32 first,
+    out of place and in place (float16 subnormals, infinities and NaN included)."""
+    full = torch.randn(9, 32).to(table_dtype)
+    if table_dtype == torch.float16:
+        full[0, :4] = torch.tensor([6e-8, -3e-6, float("inf"), float("nan")], dtype=table_dtype)
+    cos, sin = full[:, :16], full.flip(0)[:, :16]
+    pos = torch.randint(0, 9, (2, 4))
+    q, k = torch.randn(2, 4, 3, 32).bfloat16(), torch.randn(2, 4, 1, 32).bfloat16()
+    rest = (None, pos, 1.25, 32, 16, False, False)
+    got = torch.ops.posenc.rotary(q, k, cos, sin, *rest)
+    want = torch.ops.posenc.rotary(q, k, cos.float(), sin.float(), *rest)
+    ref = rotary_reference(q, k, cos.float(), sin.float(), *rest)
+    qi, ki = q.clone(), k.clone()
+    torch.ops.posenc.rotary_(qi, ki, cos, sin, *rest)
+    for g, w, r, i in zip(got, want, ref, (qi, ki)):
+        assert torch.equal(g.view(torch.int16), w.view(torch.int16)) and torch.equal(i.view(torch.int16), g.view(torch.int16))
+        torch.testing.assert_close(g, r, equal_nan=True)  # (NaN's sign bits may differ)
+    with pytest.raises(TypeError, match="one dtype"):
+        torch.ops.posenc.rotary(q, k, cos, sin.float(), *rest)
+
+
+def test_per_token_tables_are_read_without_copies():
+    """transformers' per-token cos/sin (model dtype, [1 or batch, seq, head_dim], halves duplicated, batch stride
+    0 from an expand) reach the op as views: no dtype conversion, no copy, no allocation but the outputs; the
+    result equals the float64 rotation with the same tables."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    B, S, D = 3, 7, 32
+    angle = (torch.arange(S, dtype=torch.float64)[:, None] * 0.37 ** torch.arange(D // 2)).repeat(1, 2)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        q = torch.randn(B, 4, S, D).to(dtype)  # bhsd, as transformers passes
+        k = torch.randn(B, 2, S, D).to(dtype)
+        for cos, sin in ((angle.cos().to(dtype)[None], angle.sin().to(dtype)[None]),
+                         (angle.cos().to(dtype).expand(B, S, D), angle.sin().to(dtype).expand(B, S, D))):
+            posenc.apply_rotary(q, k, cos, sin, layout="bhsd")  # warm the cached positions
+            mode = Ops()
+            mode.seen = []
+            with mode:
+                qo, ko = posenc.apply_rotary(q, k, cos, sin, layout="bhsd")
+            assert [op for op in mode.seen if op not in ("aten.select", "aten.slice", "aten.transpose",
+                                                         "aten.expand", "aten.unsqueeze", "aten.view")] \
+                == ["posenc.rotary"], mode.seen
+            for x, out in ((q, qo), (k, ko)):
+                c, s = cos.double()[:, None], sin.double()[:, None]
+                xd = x.double()
+                want = xd * c + torch.cat([-xd[..., D // 2:], xd[..., : D // 2]], -1) * s
+                assert (out.double() - want).abs().max() <= 2 * torch.finfo(dtype).eps * want.abs().max()
