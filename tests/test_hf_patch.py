@@ -367,6 +367,13 @@ def test_reload_in_fresh_process_after_import_posenc(ids, tmp_path):
         "assert 'transformers' not in sys.modules\n"
         "from transformers import AutoModelForCausalLM\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r}, attn_implementation='eager').eval()\n"
+        # It compiles before any eager call (fullgraph): the attention modules got their spec when built.
+        "x, pos = torch.randn(2, 20, 32), torch.arange(20).repeat(2, 1)\n"
+        "kw = dict(attention_mask=None, position_ids=pos, position_embeddings=m.model.rotary_emb(x, pos))\n"
+        "layer = m.model.layers[0]\n"
+        "with torch.no_grad():\n"
+        "    got = torch.compile(layer, backend='eager', fullgraph=True)(x, **kw)\n"
+        "    assert torch.equal(got, layer(x, **kw)), 'compiled layer differs'\n"
         f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
         "with torch.no_grad(): out = m(ids).logits\n"
         f"assert torch.equal(out, torch.load({str(tmp_path / 'expected.pt')!r})), 'logits differ'\n"
@@ -375,6 +382,33 @@ def test_reload_in_fresh_process_after_import_posenc(ids, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_torch_compile_of_a_freshly_patched_model(ids, kernel_calls):
+    """torch.compile right after patch (no eager call first; Dynamo failed inside the lazy per-layer lookup):
+    the whole model's logits are the eager ones; one decoder layer is a single graph holding posenc's op; a
+    spec missing from the cache (a config edited by hand) is worked out outside the graph, still exact."""
+    torch._dynamo.reset()
+    model = posenc.patch(tiny_model("llama", attn="sdpa"), "hope", context_length=32)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager")(ids, use_cache=False).logits
+        assert torch.equal(compiled, logits(model, ids, use_cache=False))
+    assert kernel_calls  # patched layers ran posenc's op
+    x, pos = torch.randn(2, 20, 32), torch.arange(20).repeat(2, 1)
+    kw = dict(attention_mask=None, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
+    layer = posenc.patch(tiny_model("llama", attn="sdpa"), "prope", p=0.5).model.layers[1]
+    explained = torch._dynamo.explain(layer)(x, **kw)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    assert "posenc.rotary" in str(explained.graphs[0].graph)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, backend="aot_eager", fullgraph=True)(x, **kw), layer(x, **kw))
+    model = posenc.patch(tiny_model("llama", attn="sdpa"), "nope")
+    for layer in model.model.layers:
+        del layer.self_attn.__dict__["_posenc_spec"]
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager")(ids, use_cache=False).logits
+        assert torch.equal(compiled, logits(model, ids, use_cache=False))
+    torch._dynamo.reset()
 
 
 def test_checkpoint_of_the_earlier_rope_type_name_loads(ids, tmp_path):

@@ -21,6 +21,12 @@ How it works (and why it survives save/load):
   for a patched layer the dispatcher rotates with `posenc.apply_rotary` on the same cos/sin tables
   (transformers' own, so `encoding="rope"` keeps the model's numbers to float32 rounding). Other models in
   the process are untouched: the decision is per attention module, from its config.
+- Each patched attention module's `_Spec` (what the dispatcher does there) is worked out eagerly, where the
+  patch appears: by `patch` for the modules of the model it patches, and in the attention class's `__init__`
+  for a model built from a patched config (from_pretrained; `import posenc` installs the family when the
+  config is validated, before any module is built). torch.compile then traces a cached lookup only: working a
+  spec out builds an Encoding module, which Dynamo cannot trace. A spec still missing under torch.compile
+  (a config changed by hand) is worked out outside the graph (one graph break, then a recompile without).
 - `layers=` a subset of a rope group (e.g. some layer indices of Llama, whose layers share one rotary module):
   the rotary module keeps the model's frequencies and the dispatcher masks the tables of the chosen layers
   (cos = attention scale, sin = 0 for frozen pairs: exactly what frequency 0 gives).
@@ -152,6 +158,7 @@ def _validate_posenc_rope_parameters(self, rope_parameters, ignore_keys=None):
     validate = getattr(self, f"_validate_{original['rope_type']}_rope_parameters", None)
     if validate is not None:
         validate(original, ignore_keys=ignore_keys)
+    _install(family_of(self))  # before a model is built from this config: its attention works out its spec
 
 
 def register(rope_utils=None) -> None:
@@ -180,7 +187,9 @@ _INSTALLED: set = set()
 
 
 def _layer_spec(attn) -> _Spec | None:
-    """The spec for this attention module, from its own config (None: run transformers' code unchanged)."""
+    """The spec for this attention module, from its own config (None: run transformers' code unchanged).
+    Cached on the module, keyed by the patch's entry; resolve_specs / the wrapped __init__ fill the cache
+    before torch.compile can see the module."""
     config = getattr(attn, "config", None)
     rp = getattr(config, "rope_parameters", None)
     if not rp:
@@ -198,9 +207,28 @@ def _layer_spec(attn) -> _Spec | None:
     cached = attn.__dict__.get("_posenc_spec")
     if cached is not None and cached[0] is entry:  # the entry object identifies one patch
         return cached[1]
-    spec = _compute_spec(config, key, params, getattr(attn, "layer_idx", None))
-    attn.__dict__["_posenc_spec"] = (entry, spec)
+    if torch.compiler.is_compiling():
+        return _cache_spec_outside_the_graph(attn, config, key, params)
+    return _cache_spec(attn, config, key, params)
+
+
+def _cache_spec(attn, config, key, params) -> _Spec | None:
+    with torch.device("cpu"):  # transformers may be building the model on the meta device
+        spec = _compute_spec(config, key, params, getattr(attn, "layer_idx", None))
+    attn.__dict__["_posenc_spec"] = (params["posenc"], spec)
     return spec
+
+
+_cache_spec_outside_the_graph = torch.compiler.disable(_cache_spec)
+
+
+def _resolve_specs(model: nn.Module, family: Family) -> None:
+    """Work out the spec of every attention module of the family in `model` now (eagerly), so that the first
+    call, compiled or not, only reads it."""
+    attention = getattr(family.load(), family.attention)
+    for module in model.modules():
+        if isinstance(module, attention):
+            _layer_spec(module)
 
 
 def _compute_spec(config, key, params, layer_idx) -> _Spec | None:
@@ -274,6 +302,16 @@ def _wrap_forward(forward):
     return patched_forward
 
 
+def _wrap_init(init):
+    @functools.wraps(init)
+    def patched_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _layer_spec(self)  # a model built from a patched config: its spec, before any call
+
+    patched_init._posenc_original = init
+    return patched_init
+
+
 def _install(family: Family | None) -> None:
     """Once per family and process: the dispatcher (inert for every module whose config is not patched)."""
     if family is None or family in _INSTALLED:
@@ -287,6 +325,8 @@ def _install(family: Family | None) -> None:
         attention = getattr(module, family.attention)
         if not hasattr(attention.forward, "_posenc_original"):
             attention.forward = _wrap_forward(attention.forward)
+        if not hasattr(attention.__init__, "_posenc_original"):
+            attention.__init__ = _wrap_init(attention.__init__)
         _INSTALLED.add(family)
 
 
@@ -484,6 +524,7 @@ def patch(model, encoding: str = "hope", layers=None, kernel: bool = True, **enc
         config.rope_parameters = new
         for rotary in rotaries:
             _refresh_rotary(rotary)
+        _resolve_specs(model, family)
     return model
 
 
