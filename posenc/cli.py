@@ -18,6 +18,7 @@ import math
 import sys
 
 from .io import check_writable_dir, check_writable_file, write_json
+from .progress import Progress
 
 __all__ = ["main", "build_parser"]
 
@@ -203,7 +204,7 @@ def cmd_analyze(args) -> int:
                 model, ids, *quant, report=report, analyze_kwargs=dict(
                     context_length=args.context, sink_threshold=args.sink_threshold,
                     early_layers=args.early_layers, tokens=tokens),
-                progress=lambda done, total, label: print(f"quant [{done}/{total}] {label}", file=sys.stderr))
+                progress=Progress("quant"))
     except (A.ModelLoadError, A.UnsupportedModelError, ValueError) as e:
         raise CommandError(str(e)) from None
     report["model"]["name"] = name
@@ -224,33 +225,6 @@ def cmd_analyze(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- bench
-class _Progress:
-    """The benchmark's progress (done, total, label) on stderr: a rewritten line on a terminal, one line per
-    step otherwise."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.open = False
-
-    def __call__(self, done: int, total: int, label: str):
-        line = f"bench [{done}/{total}] {label}"
-        if self.tty:
-            self.stream.write("\r\033[K" + line)
-            self.open = True
-            if done >= total:
-                self.close()
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self):
-        if self.open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.open = False
-
-
 def cmd_bench(args) -> int:
     from . import bench
     device = args.device
@@ -276,14 +250,13 @@ def cmd_bench(args) -> int:
             raise CommandError("--plot needs matplotlib: pip install matplotlib") from None
         check_writable_file(args.plot, "--plot", suffix=".png")
     _check_json_path(args.json)
-    progress = None if args.quiet else _Progress()
+    progress = Progress("bench", quiet=args.quiet)
     try:
         rows = bench.run(progress=progress, **kwargs)
     except (ValueError, TypeError, KeyError) as e:
         raise CommandError(str(e).strip("'\"")) from None
     finally:
-        if progress is not None:
-            progress.close()
+        progress.close()
     if args.json == "-":
         print(json.dumps(rows, indent=1, default=str))
     else:
@@ -306,7 +279,7 @@ def cmd_bench(args) -> int:
 # ----------------------------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     from . import evaluation as E
-    bar = None if args.quiet else E.ProgressBar()
+    bar = Progress("eval", quiet=args.quiet)
     try:
         result = E.run_eval(
             args.model, encodings=args.encoding, lengths=args.lengths, text_path=args.text_file,
@@ -317,8 +290,7 @@ def cmd_eval(args) -> int:
     except E.EvalError as e:
         raise CommandError(str(e)) from None
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     print(E.format_table(result))
     return 0
 

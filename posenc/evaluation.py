@@ -1,7 +1,8 @@
 """Long-context evaluation of one model under several positional encodings, side by side, from one load.
 
 For each encoding spec (`original`, `rope`, `hope[:L]`, `prope[:p]`, `nope`, each optionally `@layers`; see
-posenc.specs) the model is patched, measured, and unpatched again:
+posenc.specs) the model is patched, measured, and put back as it was loaded. `original` is always the model as
+loaded: a checkpoint saved patched (e.g. by `posenc finetune --encoding nope`) is measured with its patch.
 
 - perplexity per context length L: non-overlapping windows of L tokens, each inside one document
   (posenc.data.windows), perplexity = exp(mean next-token NLL over the L-1 predicted tokens of every window),
@@ -42,7 +43,7 @@ from .specs import EncodingSpec, parse_specs
 __all__ = ["EvalError", "load_eval_model", "trained_context", "learned_position_limit", "token_losses",
            "perplexity", "position_buckets", "TextEncoder", "passkey_prompt", "passkey_answer_correct",
            "greedy_generate", "passkey", "current_patch", "applied", "check_specs", "prepare_windows", "evaluate",
-           "format_table", "plot_result", "run_eval", "ProgressBar", "DEFAULT_LENGTHS", "DEFAULT_DEPTHS"]
+           "format_table", "plot_result", "run_eval", "DEFAULT_LENGTHS", "DEFAULT_DEPTHS"]
 
 DEFAULT_LENGTHS = (256, 512, 1024, 2048)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -395,25 +396,28 @@ def current_patch(model) -> dict | None:
 
 @contextlib.contextmanager
 def applied(model, spec: EncodingSpec, loaded: dict | None = None):
-    """The model under one spec for the duration of the block: patched (spec.patch_kwargs()), or for
-    "original" as loaded (`loaded`: current_patch() of the model before any spec; None = unpatched).
-    Expects an unpatched model (or one patched as loaded: patching replaces); unpatched afterwards, whatever
-    happens inside."""
+    """The model under one spec for the duration of the block, given the model as loaded (`loaded`: its
+    current_patch(), read before any spec; None = unpatched): "original" leaves it as it is, any other spec
+    patches it (spec.patch_kwargs(); patching replaces the loaded patch). Afterwards, whatever happens inside,
+    the model is as loaded again (patched with `loaded`, or unpatched)."""
     import posenc
-    kwargs = spec.patch_kwargs() if spec.name != "original" else loaded
-    if kwargs is None:  # the model is unpatched between specs: nothing to do (it may not be patchable at all)
+    if spec.name == "original":  # the model as loaded (it may not be patchable at all)
         yield model
         return
-    posenc.patch(model, **kwargs)  # checks everything before it changes the model
+    posenc.patch(model, **spec.patch_kwargs())  # checks everything before it changes the model
     try:
         yield model
     finally:
-        posenc.unpatch(model)
+        if loaded is None:
+            posenc.unpatch(model)
+        else:
+            posenc.patch(model, **loaded)
 
 
 def check_specs(model, specs: list[EncodingSpec], loaded: dict | None = None) -> None:
-    """Patch and unpatch once per spec (cheap), so that an encoding the model cannot take fails before any
-    long work, with patch's message naming the spec. Leaves the model unpatched."""
+    """Apply each spec once and put the model back as loaded (cheap), so that an encoding the model cannot
+    take fails before any long work, with patch's message naming the spec. `loaded`: current_patch(model),
+    read before any check."""
     for spec in specs:
         try:
             with applied(model, spec, loaded):
@@ -457,8 +461,8 @@ def evaluate(model, tokenizer, specs: list[EncodingSpec], lengths, *, windows: d
              text: dict | None = None, corpus: D.Corpus | None = None, max_windows: int = 8, batch_size: int | None = None,
              buckets: int = 8, passkey_depths=None, passkey_trials: int = 0, seed: int = 0,
              progress: Progress | None = None) -> dict:
-    """Every spec on the same windows and passkey prompts; the model is unpatched between specs and left as
-    it was found (unpatched, or re-patched as loaded).
+    """Every spec on the same windows and passkey prompts; between specs, and afterwards, the model is as it
+    was found (unpatched, or patched as loaded), and "original" measures it so.
 
     windows: {length: [n, L] token windows} (text: the record of what they were read from); default: from
       `corpus` (default the standard library) via prepare_windows. Lengths with no window are skipped.
@@ -489,35 +493,30 @@ def evaluate(model, tokenizer, specs: list[EncodingSpec], lengths, *, windows: d
     total, done = steps_per_spec * len(specs), 0
 
     loaded = current_patch(model)
+    check_specs(model, specs, loaded)
     results = []
-    try:
-        check_specs(model, specs, loaded)
-        for spec in specs:
-            label = str(spec)
+    for spec in specs:
+        label = str(spec)
 
-            def step(label=label):
-                nonlocal done
-                done += 1
-                if progress is not None:
-                    progress(done, total, label)
+        def step(label=label):
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total, label)
 
-            t0 = time.perf_counter()
-            with applied(model, spec, loaded):
-                ppl = []
-                for L in lengths:
-                    w = windows.get(L)
-                    if w is None or w.shape[0] == 0:
-                        ppl.append({"length": L, "skipped": f"no document reaches {L} tokens"})
-                        continue
-                    ppl.append({"length": L, **perplexity(model, w, batch_size=batch_size, buckets=buckets,
-                                                          progress=step)})
-                keys = passkey(model, enc, plan, batch_size=batch_size, progress=step) if plan else []
-            results.append({"encoding": label, "perplexity": ppl, "passkey": keys,
-                            "seconds": round(time.perf_counter() - t0, 3)})
-    finally:
-        if loaded is not None:
-            import posenc
-            posenc.patch(model, **loaded)
+        t0 = time.perf_counter()
+        with applied(model, spec, loaded):
+            ppl = []
+            for L in lengths:
+                w = windows.get(L)
+                if w is None or w.shape[0] == 0:
+                    ppl.append({"length": L, "skipped": f"no document reaches {L} tokens"})
+                    continue
+                ppl.append({"length": L, **perplexity(model, w, batch_size=batch_size, buckets=buckets,
+                                                      progress=step)})
+            keys = passkey(model, enc, plan, batch_size=batch_size, progress=step) if plan else []
+        results.append({"encoding": label, "perplexity": ppl, "passkey": keys,
+                        "seconds": round(time.perf_counter() - t0, 3)})
     param = next(model.parameters())
     return {
         "model": {"model_type": getattr(config, "model_type", None), "trained_context": trained_context(config),
@@ -536,25 +535,6 @@ def evaluate(model, tokenizer, specs: list[EncodingSpec], lengths, *, windows: d
 
 
 # ------------------------------------------------------------------------------------------------ output
-class ProgressBar:
-    """A progress callback (done, total, label) drawing a tqdm bar on stderr (tqdm comes with transformers)."""
-
-    def __init__(self):
-        self.bar = None
-
-    def __call__(self, done: int, total: int, label: str) -> None:
-        if self.bar is None:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, desc="eval", unit="batch", file=sys.stderr, mininterval=0.5)
-        self.bar.set_postfix_str(label, refresh=False)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def _passkey_by_length(rows) -> dict:
     out = {}
     for r in rows:

@@ -76,8 +76,8 @@ for run in $RUNS; do
     --seq-len "$SEQ" --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --warmup "$WARMUP" --save-every 0 \
     --eval-rows 8 --device "$DEVICE" --dtype "$DTYPE"
   stage "eval after $spec"
-  # The run's own spec, not `original`: patching again with it gives the trained encoding whether or not eval
-  # keeps a loaded patch for `original` (on 2026-12-02 run_eval's up-front check left the model unpatched).
+  # The run's own spec (on the fine-tuned checkpoint it measures what `original`, the model as loaded, does):
+  # the result is labelled as the run's row of eval-before.json, which study.py's report pairs it with.
   "$PYTHON" -m posenc eval "$WORK/ft-$run" --encoding "$spec" "${EVAL[@]}" --json "$WORK/eval-after-$run.json" >&2
   done_runs="$done_runs${done_runs:+,}$run"
   last=$(( $(date +%s) - run_start ))

@@ -295,7 +295,7 @@ def test_bench_tiny_run(capsys, tmp_path):
     assert all(r["dtype"] == "float32" and r["encoding"] == "rope" for r in rows)
     assert "hf_eager" in out and "x_copy" in out  # the table on stdout
     progress = [ln for ln in err.splitlines() if ln.startswith("bench [")]
-    assert [ln.split()[1] for ln in progress] == ["[1/3]", "[2/3]", "[3/3]"]  # progress on stderr
+    assert [ln.split()[2] for ln in progress] == ["1/3", "2/3", "3/3"]  # progress on stderr (not a terminal)
     if "--plot" in argv:
         assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
         assert f"wrote {tmp_path / 'b.png'}" in err
@@ -313,6 +313,64 @@ def test_bench_tiny_run(capsys, tmp_path):
     assert_clean_error(code, err, "int7")
     code, _, err = run_main(capsys, "bench", "--shape", "1,8,2")
     assert_clean_error(code, err, "--shape")
+
+
+class _Stream:
+    """A stderr stand-in: what was written, and whether it says it is a terminal."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_progress_log_lines_every_5_percent_and_the_end():
+    from posenc.progress import Progress
+    stream = _Stream(tty=False)
+    bar = Progress("finetune", 100, start=40, stream=stream)
+    for step in range(41, 101):
+        bar.update(step, f"loss {step}")
+    lines = stream.text.splitlines()
+    assert [ln.split()[2] for ln in lines] == ["41/100"] + [f"{n}/100" for n in range(46, 100, 5)] + ["100/100"]
+    assert all(ln.startswith("finetune [") for ln in lines) and lines[-1].endswith("loss 100")
+    assert "eta" in lines[0] and "eta" not in lines[-1]
+    assert lines[-1].split()[1] == "[" + "#" * 24 + "]" and lines[0].split()[1] == "[" + "#" * 9 + "." * 15 + "]"
+    bar.close()
+    assert stream.text.count("\n") == len(lines)  # no extra blank line off a terminal
+
+
+def test_progress_on_a_terminal_is_one_line_rewritten(monkeypatch):
+    from posenc import progress as P
+    clock = iter(range(1000))
+    monkeypatch.setattr(P.time, "perf_counter", lambda: next(clock) * 0.06)  # 0.06 s between calls
+    stream = _Stream(tty=True)
+    bar = P.Progress("eval", stream=stream)
+    for done in range(1, 11):
+        bar(done, 10, f"nope {done}")  # the callback form: the total comes with each call
+    draws = stream.text.split("\r\033[K")[1:]
+    assert 3 <= len(draws) <= 7  # at most one redraw per 0.1 s, except the last
+    assert draws[-1].startswith("eval [" + "#" * 24 + "] 10/10") and draws[-1].endswith("nope 10\n")
+    assert all("\n" not in d for d in draws[:-1])
+    bar.close()
+    assert stream.text.endswith("nope 10\n")  # closing twice adds nothing
+
+
+def test_progress_quiet_writes_nothing():
+    from posenc.progress import Progress
+    for tty in (False, True):
+        stream = _Stream(tty)
+        bar = Progress("bench", 3, quiet=True, stream=stream)
+        bar.step()
+        bar(3, 3, "done")
+        bar.close()
+        assert stream.text == "" and bar.done == 3
 
 
 def test_bench_tables_method_matches_posenc():

@@ -203,6 +203,35 @@ def test_a_patched_model_is_original_as_loaded_and_restored(tiny):
         posenc.unpatch(tiny)
 
 
+def test_run_eval_original_on_a_checkpoint_saved_patched_is_its_patch(tmp_path):
+    """`posenc eval DIR` on a checkpoint saved patched (what `posenc finetune --encoding nope` writes): the
+    up-front spec check unpatched the model, so `original` measured the unpatched model (rope's figures)."""
+    from hf_tiny import tiny_model
+    posenc.patch(tiny_model("llama"), "nope").save_pretrained(tmp_path / "nope-model")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and more text {i}." for i in range(400)))
+    result = E.run_eval(str(tmp_path / "nope-model"), encodings="original,rope,nope", lengths="24,48",
+                        text_path=str(text), max_windows=3, device="cpu", log=lambda msg: None)
+    assert result["model"]["loaded_patch"] == {"encoding": "nope", "kernel": True, "layers": None}
+    got = {r["encoding"]: r["perplexity"] for r in result["results"]}
+    assert got["original"] == got["nope"]
+    assert got["original"] != got["rope"]  # (a random tiny model barely uses positions: close, but not equal)
+
+
+def test_check_specs_leaves_a_patched_model_as_loaded(tiny):
+    windows = {40: torch.randint(0, tiny.config.vocab_size, (2, 40))}
+    posenc.patch(tiny, "prope", p=0.5)
+    try:
+        loaded = E.current_patch(tiny)
+        E.check_specs(tiny, parse_specs("rope,nope,original"), loaded)
+        assert E.current_patch(tiny) == loaded
+        got = _strip(E.evaluate(tiny, None, parse_specs("original,prope:0.5"), [40], windows=windows))
+        assert got[0]["perplexity"] == got[1]["perplexity"]
+        assert E.current_patch(tiny) == loaded
+    finally:
+        posenc.unpatch(tiny)
+
+
 @pytest.mark.parametrize("kwargs", [dict(encoding="hope", layers="full_attention", context_length=16),
                                     dict(encoding="nope"), dict(encoding="prope", p=0.5, layers=[0, 3])])
 def test_current_patch_reproduces_a_gemma3_patch(kwargs):
