@@ -383,15 +383,38 @@ def _default_positions(batch, seq, device):
     return positions
 
 
-def _fast_rotary(q, k, positions, inv_freq, scale, rotary_dim, rotated_pairs, interleaved, layout, inverse):
-    """The common call, out of place with float64 inv_freq (Encoding.apply), checked with cheap tests only and
-    run on the op directly; None where any test fails or the call needs more (the full path then checks and
-    explains). Accepts exactly what the full path accepts for these arguments, and passes the op the same."""
-    if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(inv_freq) is not torch.Tensor
-            or q.dtype not in _FAST_DTYPES or k.dtype != q.dtype or q.layout != torch.strided
-            or k.layout != torch.strided or q.dim() != 4 or k.dim() != 4 or type(scale) not in (float, int)
-            or not math.isfinite(scale) or inv_freq.dtype != torch.float64 or inv_freq.dim() != 1
-            or inv_freq.layout != torch.strided or not inv_freq.is_contiguous()):
+def _fast_token_tables(cos, sin, batch, seq, rotary_dim, device):
+    """transformers' per-token tables ([1 or batch with batch stride 0, seq, R]) as the op reads them (views of
+    the first half, one row per position), or None where the full path must check them."""
+    if (type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dtype not in _TABLE_DTYPES
+            or sin.dtype != cos.dtype or cos.layout != torch.strided or sin.layout != torch.strided
+            or cos.dim() != 3 or cos.shape != sin.shape or cos.device != device or sin.device != device
+            or ((cos.requires_grad or sin.requires_grad) and torch.is_grad_enabled())):
+        return None
+    rows, length, width = cos.shape
+    if length != seq or not (rows == 1 or (rows == batch and cos.stride(0) == 0 and sin.stride(0) == 0)):
+        return None
+    half = rotary_dim // 2
+    if width == rotary_dim:
+        c, s = cos[0, :, :half], sin[0, :, :half]
+    elif width == half:
+        c, s = cos[0], sin[0]
+    else:
+        return None
+    if half > 1 and (c.stride(-1) != 1 or s.stride(-1) != 1):
+        return None
+    return c, s, _default_positions(batch, seq, device)
+
+
+def _fast_rotary(q, k, cos, sin, positions, inv_freq, scale, rotary_dim, rotated_pairs, interleaved, layout,
+                 inverse):
+    """The common calls, out of place: float64 inv_freq (Encoding.apply, decoding) or transformers' per-token
+    tables (the HF path), checked with cheap tests only and run on the op directly; None where any test fails or
+    the call needs more (the full path then checks and explains). Accepts only what the full path accepts for
+    these arguments, and passes the op the same."""
+    if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or q.dtype not in _FAST_DTYPES
+            or k.dtype != q.dtype or q.layout != torch.strided or k.layout != torch.strided or q.dim() != 4
+            or k.dim() != 4 or type(scale) not in (float, int) or not math.isfinite(scale)):
         return None
     if layout == "bshd":
         q4, k4 = q, k
@@ -403,8 +426,7 @@ def _fast_rotary(q, k, positions, inv_freq, scale, rotary_dim, rotated_pairs, in
     kb, ks, _, kd = k4.shape
     device = q.device
     if (kb != batch or ks != seq or kd != head_dim or head_dim % 2 or head_dim > MAX_HEAD_DIM
-            or k.device != device or inv_freq.device != device
-            or (device.type == "cpu" and not _HAS_CPU_KERNEL)):  # there, the angles need the full path's check
+            or k.device != device):
         return None
     if rotary_dim is None:
         rotary_dim = head_dim
@@ -415,9 +437,17 @@ def _fast_rotary(q, k, positions, inv_freq, scale, rotary_dim, rotated_pairs, in
         rotated_pairs = half
     elif type(rotated_pairs) is not int or not 0 <= rotated_pairs <= half:
         return None
-    if inv_freq.shape[0] != half:
+    if inv_freq is None:
+        tables = None if interleaved else _fast_token_tables(cos, sin, batch, seq, rotary_dim, device)
+        if tables is None:
+            return None
+        cos, sin, positions = tables
+    elif (type(inv_freq) is not torch.Tensor or inv_freq.dtype != torch.float64 or inv_freq.dim() != 1
+          or inv_freq.layout != torch.strided or not inv_freq.is_contiguous() or inv_freq.shape[0] != half
+          or inv_freq.device != device
+          or (device.type == "cpu" and not _HAS_CPU_KERNEL)):  # there, the angles need the full path's check
         return None
-    if positions is None:
+    elif positions is None:
         positions = _default_positions(batch, seq, device)
     elif (type(positions) is not torch.Tensor or positions.dtype != torch.int64 or positions.device != device
           or positions.layout != torch.strided):
@@ -429,7 +459,7 @@ def _fast_rotary(q, k, positions, inv_freq, scale, rotary_dim, rotated_pairs, in
         positions = positions.expand(batch, seq)
     else:
         return None
-    q_out, k_out = _ROTARY(q4, k4, None, None, inv_freq, positions, float(scale), rotary_dim, rotated_pairs,
+    q_out, k_out = _ROTARY(q4, k4, cos, sin, inv_freq, positions, float(scale), rotary_dim, rotated_pairs,
                            bool(interleaved), bool(inverse))
     if layout == "bhsd":
         return q_out.transpose(1, 2), k_out.transpose(1, 2)
@@ -459,9 +489,11 @@ def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, sca
     inside autograd and on views, which the op's schema and a version bump tell about) and returns them; it
     refuses q and k that share memory with each other or within themselves (expand()).
     """
-    if inv_freq is not None and cos is None and sin is None and not inplace and cu_seqlens is None:
-        out = _fast_rotary(q, k, positions, inv_freq, scale, rotary_dim, rotated_pairs, interleaved, layout,
-                           inverse)
+    if not inplace and cu_seqlens is None and (
+            (inv_freq is not None and cos is None and sin is None)
+            or (inv_freq is None and positions is None and cos is not None and sin is not None)):
+        out = _fast_rotary(q, k, cos, sin, positions, inv_freq, scale, rotary_dim, rotated_pairs, interleaved,
+                           layout, inverse)
         if out is not None:
             return out
     _check_tensor("q", q)

@@ -213,6 +213,14 @@ def test_fast_path_matches_the_full_path_and_refuses_the_same():
     for kw, exc, msg in bad:
         with pytest.raises(exc, match=msg):
             ops.apply_rotary(q, k, **kw)
+    cos, sin = torch.randn(1, 6, 32).bfloat16(), torch.randn(1, 6, 32).bfloat16()
+    for kw, exc, msg in [(dict(cos=cos.requires_grad_(), sin=sin), ValueError, "requires grad"),
+                         (dict(cos=cos.detach(), sin=sin[..., :16]), ValueError, "same shape"),
+                         (dict(cos=cos.detach()[..., :8], sin=sin[..., :8]), ValueError, "must end in"),
+                         (dict(cos=cos.detach()[:, :5], sin=sin[:, :5]), ValueError, "one row per token"),
+                         (dict(cos=cos.detach().int(), sin=sin.int()), TypeError, "cos must be a float")]:
+        with pytest.raises(exc, match=msg):
+            ops.apply_rotary(q, k, **kw)
     with pytest.raises(TypeError, match="same dtype"):
         ops.apply_rotary(q, k.double(), inv_freq=inv)
     with pytest.raises(ValueError, match="agree on"):
