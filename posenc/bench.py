@@ -9,6 +9,8 @@ Every case (shape x encoding x pass x dtype) times these methods in the same run
   posenc      encoding.apply(q, k, positions) (inplace=True for the "fwd_inplace" pass): angles from the
               float64 frequencies, cos/sin computed in the kernel
   posenc_tables  the same op given float32 cos/sin tables (a row per position, built once) to read instead
+  posenc_hf   the op as a patched Hugging Face layer calls it: apply_rotary on bhsd views with transformers'
+              per-token cos/sin in the model dtype (the hf_eager inputs), read as given
   hf_eager    transformers' apply_rotary_pos_emb (modeling_llama) on bhsd views, with cos/sin precomputed
               as the model dtype from the encoding (frequency-0 pairs get cos=1, sin=0: same function)
   hf_compile  torch.compile of the same function
@@ -46,7 +48,7 @@ from .specs import EncodingSpec, parse_spec
 __all__ = ["Shape", "Case", "E2EModel", "E2E_PRESETS", "run_e2e", "BENCH_PRESETS", "PRESETS", "METHODS", "PASSES",
            "run", "format_table", "write_json", "plot"]
 
-METHODS = ("copy", "posenc", "posenc_tables", "hf_eager", "hf_compile", "liger", "flash_attn")
+METHODS = ("copy", "posenc", "posenc_tables", "posenc_hf", "hf_eager", "hf_compile", "liger", "flash_attn")
 PASSES = ("fwd", "fwd_inplace", "fwd+bwd", "decode")
 _PASS_ALIASES = {"forward": "fwd", "fwd": "fwd", "inplace": "fwd_inplace", "fwd_inplace": "fwd_inplace",
                  "forward_inplace": "fwd_inplace", "backward": "fwd+bwd", "bwd": "fwd+bwd", "fwd+bwd": "fwd+bwd",
@@ -98,7 +100,7 @@ BENCH_PRESETS = {
     "decode": {"shapes": _DECODE, "dtypes": BF16},
     # default on CPU: 32 q / 8 kv heads, D=128, S=2048, float32 and bfloat16 (under a minute on 2 cores)
     "cpu": {"shapes": [Case(CPU_LLAMA, "rope", ("fwd",))], "dtypes": ["float32", "bfloat16"],
-            "methods": ["copy", "posenc", "posenc_tables", "hf_eager", "hf_compile"]},
+            "methods": ["copy", "posenc", "posenc_tables", "posenc_hf", "hf_eager", "hf_compile"]},
     "tiny": {"shapes": [Case(TINY, "rope", ("fwd",))], "dtypes": ["float32"],
              "methods": ["copy", "posenc", "hf_eager"], "warmup": 1, "iters": 3},
 }
@@ -246,7 +248,9 @@ class _Inputs:
             self.positions = torch.randint(0, 100_000, (B, S), device=device) + torch.arange(S, device=device)
         else:
             self.positions = torch.arange(S, device=device).expand(B, S)
-        self.cos, self.sin = enc.cos_sin(self.positions, dtype=dtype)  # [B, S, D], as transformers builds
+        # as transformers builds them: [1, S, D] from position_ids shared by the batch, [B, S, D] per row
+        rows = self.positions if pass_ == "decode" else self.positions[:1]
+        self.cos, self.sin = enc.cos_sin(rows, dtype=dtype)
         self.grads = None
         if grad:
             self.grads = (torch.randn_like(self.q), torch.randn_like(self.k))
@@ -283,6 +287,14 @@ def _make_fn(method, pass_, enc, x: _Inputs):
         def fwd():
             return apply_rotary(q, k, c, s, pos, rotary_dim=enc.rotary_dim, rotated_pairs=enc.op_pairs,
                                 interleaved=enc.interleaved, inplace=inplace)
+    elif method == "posenc_hf":
+        from posenc.ops import apply_rotary
+
+        def fwd():
+            qo, ko = apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, rotary_dim=enc.rotary_dim,
+                                  rotated_pairs=enc.op_pairs, interleaved=enc.interleaved, layout="bhsd",
+                                  inplace=inplace)
+            return qo.transpose(1, 2), ko.transpose(1, 2)
     elif method in ("hf_eager", "hf_compile"):
         fn = _hf_apply() if method == "hf_eager" else _hf_compiled()
 
