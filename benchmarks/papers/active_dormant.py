@@ -9,7 +9,7 @@ on non-trigger tokens by parking their attention on BOS (an attention sink), whi
 (value-state drain) and its residual-stream norm grows (residual-state peak); with ReLU instead of softmax
 attention the sink does not form, with SGD instead of Adam the peak does not.
 
-Model: posenc.TinyDecoder (RoPE, pre-RMSNorm, SwiGLU MLP), one head per layer. The ReLU variant replaces each
+Model: posenc.TinyDecoder (RoPE, pre-RMSNorm, SwiGLU MLP, untied embeddings), one head per layer. The ReLU variant replaces each
 layer's posenc.Attention with ReLUAttention below: the same projections and the same posenc encoding
 (`self.encoding.apply`), only softmax(q k^T / sqrt(d)) becomes relu(q k^T / sqrt(d)) / (number of keys the
 query sees), so that a head can output nothing without attending anywhere. Measured on a fixed evaluation
@@ -119,7 +119,9 @@ class ReLUAttention(posenc.Attention):
 def make_model(task: BigramBackcopy, attention: str, hidden: int, layers: int, seed: int):
     """TinyDecoder (RoPE, one head per layer) with softmax attention, or with every layer's attention
     swapped for ReLUAttention (weights copied, so both start from the same initialisation)."""
-    model = C.tiny_decoder(task.vocab_size, hidden, layers, 1, "rope", seed)
+    # Untied input/output embeddings: with tied ones, BOS (never a target) has its output logit pushed down
+    # at every position, which grows its input embedding too - a norm at BOS that is no residual peak.
+    model = C.tiny_decoder(task.vocab_size, hidden, layers, 1, "rope", seed, tie_embeddings=False)
     if attention == "relu":
         for block in model.layers:
             old = block.attn
@@ -211,13 +213,16 @@ def measure(model, task: BigramBackcopy, ids: torch.Tensor) -> dict:
         t = torch.arange(1, w.shape[-1])
         prev = (w[:, :, t, t - 1] / total[:, :, t])  # [b, h, s-1]
         prev_active = float(prev[trig[:, None, 1:].expand_as(prev)].mean()) if bool(trig.any()) else float("nan")
+        prev_dormant = float(prev[markov[:, None, 1:].expand_as(prev)].mean())
         layers.append({"sink_dormant": dormant, "sink_active": active, "zero_rows_dormant": dormant_zero,
-                       "zero_rows_active": active_zero, "prev_active": prev_active,
+                       "zero_rows_active": active_zero, "prev_active": prev_active, "prev_dormant": prev_dormant,
                        "value_ratio": norm_ratio(rec["v"]), "residual_ratio": norm_ratio(rec["h"]),
                        "residual_bos_norm": float(rec["h"][:, 0].norm(dim=-1).mean()),
                        "massive_ratio": M.massive_activations(rec["h"])["ratio"],
                        "recompute_error": rec["recompute_error"]})
-    return {"loss_markov": float(nll[markov].mean()), "loss_backcopy": float(nll[trig].mean()),
+    emb = model.embed.weight.detach().norm(dim=-1)
+    return {"embed_ratio": float(emb[task.bos] / emb[:task.bos].median()),
+            "loss_markov": float(nll[markov].mean()), "loss_backcopy": float(nll[trig].mean()),
             "acc_backcopy": float(correct[trig].double().mean()), "layers": layers}
 
 
@@ -255,14 +260,18 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(vocab=16, triggers=3, hidden=32, layers=2, length=16, batch=16, steps=20, eval_every=10,
                     eval_batch=32, seeds=[0], adam_lr=1e-3, sgd_lr=0.03)
-    return dict(vocab=64, triggers=3, hidden=64, layers=3, length=64, batch=32, steps=1500, eval_every=50,
-                eval_batch=128, seeds=[0], adam_lr=1e-3, sgd_lr=0.03)
+    return dict(vocab=64, triggers=3, hidden=64, layers=2, length=64, batch=16, steps=5000, eval_every=250,
+                eval_batch=128, seeds=[0], adam_lr=1e-2, sgd_lr=0.03)
 
 
 def main(argv=None) -> int:
     p = C.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=1, help="seeds per run (default 1; each adds ~the same time)")
     args = C.parse(p, argv)
+    if args.seeds <= 0:
+        p.error(f"--seeds must be positive, got {args.seeds}")
     cfg = settings(args.quick)
+    cfg["seeds"] = list(range(args.seeds))
     task = BigramBackcopy(cfg["vocab"], cfg["triggers"], seed=0)
     eval_ids = task.batch(torch.Generator().manual_seed(999), cfg["eval_batch"], cfg["length"] + 1)
     floor = task.bigram_floor(eval_ids)
@@ -287,10 +296,10 @@ def main(argv=None) -> int:
             rows.append([r["label"], r["seed"], i, f"{a['sink_dormant']:.2f} -> {b['sink_dormant']:.2f}",
                          f"{b['sink_active']:.2f}", f"{b['zero_rows_dormant']:.2f}",
                          f"{a['value_ratio']:.2f} -> {b['value_ratio']:.2f}",
-                         f"{a['residual_ratio']:.2f} -> {b['residual_ratio']:.2f}",
+                         f"{a['residual_ratio']:.2f} -> {b['residual_ratio']:.2f}", f"{last['embed_ratio']:.2f}",
                          f"{last['loss_markov']:.3f}", f"{last['acc_backcopy']:.2f}"])
     print(C.table(["run", "seed", "layer", "BOS share (dormant)", "BOS (active)", "zero rows", "|v| BOS/median",
-                   "|h| BOS/median", "bigram loss", "backcopy acc"], rows))
+                   "|h| BOS/median", "|emb| BOS/median", "bigram loss", "backcopy acc"], rows))
     out = {"settings": {**cfg, "quick": args.quick}, "triggers": task.triggers.tolist(), "bigram_floor": floor,
            "runs": runs, "seconds": time.time() - t0}
     if args.json:

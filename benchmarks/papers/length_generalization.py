@@ -321,6 +321,8 @@ def main(argv=None) -> int:
                 line += [f"{by[n]['loss_beyond_train']['mean']:.3f} ± {by[n]['loss_beyond_train']['std']:.3f}"
                          for n in lengths if n > L]
             table.append(line)
+        if task == "recall":  # what picking one of the n values in the context at random would score
+            table.append(["1/n (a context value at random)"] + [f"{1 / Recall.max_items(n):.3f}" for n in lengths])
         print(C.table(headers, table))
     out = {"settings": {**cfg, "quick": args.quick}, "corpus": result["corpus"], "rows": rows,
            "runs": result["runs"], "seconds": time.time() - t0}
@@ -345,9 +347,14 @@ def plot(out: dict, path: str) -> None:
             a.errorbar(x, [r[metric]["mean"] for r in rs], yerr=[r[metric]["std"] for r in rs], marker="o",
                        capsize=3, label=enc)
         L = cfg["tasks"][task]["length"]
+        if task == "recall":
+            xs = [L, 2 * L, 4 * L]
+            a.plot(xs, [1 / Recall.max_items(x) for x in xs], color="gray", ls="--", lw=1, label="1/n (guess)")
         a.axvline(L, color="gray", ls=":", lw=1)
         a.set(xscale="log", xlabel="evaluation length (tokens)", ylabel=metric,
               title=f"{task} (trained at {L}; mean ± std over {len(cfg['seeds'])} seeds)")
+        a.set_xticks([L, 2 * L, 4 * L], [str(x) for x in (L, 2 * L, 4 * L)])
+        a.minorticks_off()
         a.legend(fontsize=7)
     C.save_figure(fig, path)
 

@@ -55,6 +55,15 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ output files
+def _publish(tmp: str, path: str) -> None:
+    """Give the temporary file the permissions a plain open() would (mkstemp makes it 0600), then move it
+    into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
+
+
 def write_json(path: str, obj) -> None:
     """Write obj as JSON to path through a temporary file (never a half-written file)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -62,7 +71,7 @@ def write_json(path: str, obj) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, allow_nan=True)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -89,7 +98,7 @@ def save_figure(fig, path: str) -> None:
     try:
         fig.tight_layout()
         fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
