@@ -393,7 +393,6 @@ def test_cuda_reads_half_tables_exactly(dtype, table_dtype):
     """Tables in the model's dtype (strided views of duplicated halves, as the HF path passes them) give the bits
     of the same tables converted to float32, on the GPU as on the CPU kernel; per-token tables through
     apply_rotary equal the float64 rotation with the same tables."""
-    _needs_cuda_kernel()
     full = torch.randn(50, 128, device=DEV).to(table_dtype)
     if table_dtype == torch.float16:
         full[0, :4] = torch.tensor([6e-8, -3e-6, float("inf"), float("nan")], dtype=table_dtype)
