@@ -310,8 +310,15 @@ def cmd_finetune(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit 2 (argparse's default also prints the whole usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posenc", description="Positional encodings: benchmarks, rotary "
+    parser = _Parser(prog="posenc", description="Positional encodings: benchmarks, rotary "
                                      "frequency tables, and a look inside models.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"posenc {__version__}")

@@ -711,13 +711,13 @@ def run_eval(model: str, *, encodings: str = "original", lengths="256,512,1024,2
     except (ValueError, TypeError) as e:
         raise EvalError(str(e)) from None
 
-    log(f"loading {model} ...")
     from .analysis.loading import ModelLoadError
     t0 = time.perf_counter()
     try:
         net, tokenizer, name = load_eval_model(model, gguf_file, device=device, dtype=dtypes[dtype], seed=seed)
     except ModelLoadError as e:
         raise EvalError(str(e)) from None
+    log(f"loaded {name} in {time.perf_counter() - t0:.1f} s")
     limit = learned_position_limit(net)
     if limit is not None and lengths[-1] > limit:
         raise EvalError(f"length {lengths[-1]} is beyond the model's learned position table ({limit} positions); "

@@ -431,3 +431,21 @@ def test_python_m_posenc_analyze():
     assert "attention sinks" in r.stdout and "massive activations" in r.stdout
     r = _python_m("analyze", "/no/such/model/dir")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "no such model directory" in r.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "tiny-llama", "--bogus"], "--bogus"),
+    (["finetune", "tiny-llama"], "--encoding, --output"),
+    (["analyze"], "model"),
+    (["bench", "--iters", "0"], "--iters"),
+    (["--bogus"], "required: {bench"),
+])
+def test_argument_errors_are_one_line_for_every_command(capsys, argv, needle):
+    # argparse's default prints the whole usage before the error (17 lines for finetune)
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err and "--help" in err, err
