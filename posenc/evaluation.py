@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import data as D
 from . import io as IO
+from .hf import current_patch
 from .specs import EncodingSpec, parse_specs
 
 __all__ = ["EvalError", "load_eval_model", "trained_context", "learned_position_limit", "token_losses",
@@ -369,31 +370,6 @@ def _passkey_batch_count(plan, batch_size, device_type):
 
 
 # ------------------------------------------------------------------------------------------------ encodings
-def current_patch(model) -> dict | None:
-    """posenc.patch keyword arguments that reproduce the model's current patch (e.g. of a checkpoint saved
-    patched), or None if it is not patched. Every patched state is one patch() call (patching again
-    replaces), so one set of arguments always suffices."""
-    config = _text_config(model)
-    rp = getattr(config, "rope_parameters", None) or {}
-    types = getattr(config, "layer_types", None) or []
-    groups = {None: rp} if "rope_type" in rp else {k: v for k, v in rp.items() if k in set(types)}
-    # A patched group: rope_type "posenc ..." (the name has changed once; both start so) and a "posenc" entry.
-    entries = [(k, p["posenc"]) for k, p in groups.items() if isinstance(p, dict)
-               and str(p.get("rope_type", "")).startswith("posenc") and isinstance(p.get("posenc"), dict)]
-    if not entries:
-        return None
-    n = config.num_hidden_layers
-    layers: set[int] = set()
-    for key, entry in entries:
-        if entry.get("layers") is not None:
-            layers |= set(entry["layers"])
-        else:
-            layers |= set(range(n)) if key is None else {i for i, t in enumerate(types) if t == key}
-    entry = entries[0][1]
-    return {"encoding": entry["encoding"], "kernel": entry["kernel"],
-            "layers": None if layers == set(range(n)) else sorted(layers), **entry.get("kwargs", {})}
-
-
 @contextlib.contextmanager
 def applied(model, spec: EncodingSpec, loaded: dict | None = None):
     """The model under one spec for the duration of the block, given the model as loaded (`loaded`: its

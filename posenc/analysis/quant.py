@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hf import current_patch
 from . import metrics as M
 from .capture import _eager_for, attention_layers
 
@@ -512,35 +513,6 @@ def parse_encodings(text: str) -> list[tuple[str, dict | None]]:
     return [(str(s), s.patch_kwargs()) for s in parse_specs(text)]
 
 
-def _current_patch(model) -> dict | None:
-    """The posenc.patch arguments that reproduce the model's present patch (None: not patched), so that a
-    comparison can leave a patched (e.g. fine-tuned) model as it came."""
-    from ..hf import is_patched
-    from ..hf.patching import POSENC_ROPE_TYPE
-    if not is_patched(model):
-        return None
-    config = model.config
-    rp = config.rope_parameters
-    nested = "rope_type" not in rp
-    groups = {k: v for k, v in rp.items() if isinstance(v, dict)} if nested else {None: rp}
-    entries = {k: g["posenc"] for k, g in groups.items() if g.get("rope_type") == POSENC_ROPE_TYPE}
-    first = next(iter(entries.values()))
-    same = lambda e: (e["encoding"], e.get("kwargs", {}), e["kernel"]) == (  # noqa: E731
-        first["encoding"], first.get("kwargs", {}), first["kernel"])
-    if not all(same(e) for e in entries.values()):
-        raise ValueError("the model's layer types carry different posenc patches; compare encodings on a copy")
-    if not nested:
-        layers = first["layers"]
-    else:
-        types = config.layer_types
-        chosen = sorted(i for k, e in entries.items()
-                        for i in (e["layers"] if e["layers"] is not None else
-                                  [j for j, t in enumerate(types) if t == k]))
-        layers = None if len(entries) == len(groups) and all(e["layers"] is None for e in entries.values()) \
-            else chosen
-    return {"encoding": first["encoding"], "layers": layers, "kernel": first["kernel"], **first.get("kwargs", {})}
-
-
 def compare_encodings(model, input_ids, schemes, encodings, *, report: dict | None = None, analyze_kwargs=None,
                       progress=None) -> dict:
     """quant_analysis of the model under each encoding of `encodings` ([(label, posenc.patch kwargs or None)],
@@ -552,7 +524,7 @@ def compare_encodings(model, input_ids, schemes, encodings, *, report: dict | No
     encodings, schemes = list(encodings), list(schemes)
     if report is not None:
         _check_keep_pairs(schemes, report["frequencies"][0]["rotary_dim"] // 2)
-    as_loaded = _current_patch(model) if any(kw is not None for _, kw in encodings) else None
+    as_loaded = current_patch(model) if any(kw is not None for _, kw in encodings) else None
     per = len(schemes) + 1
     done = [0]
 

@@ -11,9 +11,9 @@ import importlib.util
 import sys
 
 from .families import FAMILIES, SUPPORTED
-from .patching import POSENC_ROPE_TYPE, is_patched, patch, register, unpatch
+from .patching import POSENC_ROPE_TYPE, current_patch, is_patched, patch, register, unpatch
 
-__all__ = ["patch", "unpatch", "is_patched", "register", "FAMILIES", "SUPPORTED", "POSENC_ROPE_TYPE"]
+__all__ = ["patch", "unpatch", "is_patched", "current_patch", "register", "FAMILIES", "SUPPORTED", "POSENC_ROPE_TYPE"]
 
 _ROPE_UTILS = "transformers.modeling_rope_utils"
 

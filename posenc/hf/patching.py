@@ -47,7 +47,7 @@ from ..encodings import ENCODINGS, encoding_class, get_encoding, op_pairs_of, ro
 from ..ops import apply_rotary
 from .families import FAMILIES, SUPPORTED, Family, family_of
 
-__all__ = ["patch", "unpatch", "is_patched", "register", "posenc_rope_init", "POSENC_ROPE_TYPE"]
+__all__ = ["patch", "unpatch", "is_patched", "current_patch", "register", "posenc_rope_init", "POSENC_ROPE_TYPE"]
 
 POSENC_ROPE_TYPE = "posenc (pip install posenc and `import posenc` before from_pretrained)"
 _ROPE_TYPES = (POSENC_ROPE_TYPE, "posenc")  # the name, and the one checkpoints saved before it carry
@@ -585,3 +585,29 @@ def _is_patched_config(config) -> bool:
 def is_patched(model) -> bool:
     """Whether any rope group of the model carries a posenc patch (False for a model patch does not support)."""
     return any(_is_patched_config(config) for _, config, _ in _targets(model, strict=False))
+
+
+def current_patch(model) -> dict | None:
+    """posenc.patch keyword arguments that reproduce the model's current patch (e.g. of a checkpoint saved
+    patched), or None if it is not patched. Every patched state is one patch() call (patching again
+    replaces), so one set of arguments always suffices."""
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rp = getattr(config, "rope_parameters", None) or {}
+    types = getattr(config, "layer_types", None) or []
+    groups = {None: rp} if "rope_type" in rp else {k: v for k, v in rp.items() if k in set(types)}
+    # A patched group: rope_type "posenc ..." (the name has changed once; both start so) and a "posenc" entry.
+    entries = [(k, p["posenc"]) for k, p in groups.items() if isinstance(p, dict)
+               and str(p.get("rope_type", "")).startswith("posenc") and isinstance(p.get("posenc"), dict)]
+    if not entries:
+        return None
+    n = config.num_hidden_layers
+    layers: set[int] = set()
+    for key, entry in entries:
+        if entry.get("layers") is not None:
+            layers |= set(entry["layers"])
+        else:
+            layers |= set(range(n)) if key is None else {i for i, t in enumerate(types) if t == key}
+    entry = entries[0][1]
+    return {"encoding": entry["encoding"], "kernel": entry["kernel"],
+            "layers": None if layers == set(range(n)) else sorted(layers), **entry.get("kwargs", {})}
