@@ -310,4 +310,4 @@ def test_quick_run(script, keys, tmp_path):
 def test_bad_output_path_is_a_user_error(tmp_path):
     proc = subprocess.run([sys.executable, str(PAPERS / "barbero_rope.py"), "--quick", "--json",
                            str(tmp_path / "missing" / "x.json")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert proc.returncode == 2 and "no such directory" in proc.stderr

@@ -8,14 +8,15 @@ tests import them (this directory on sys.path) and call their functions on tiny 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import torch
+
+from posenc import io as IO
+from posenc import progress
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -33,17 +34,12 @@ def parser(description: str) -> argparse.ArgumentParser:
 def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse, then check the output paths before any long work (a user error: one line, exit code 2)."""
     args = p.parse_args(argv)
-    for name in ("json", "plot"):
-        path = getattr(args, name)
-        if path is None:
-            continue
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            p.error(f"--{name}: directory {parent} does not exist")
-        if not os.access(parent, os.W_OK):
-            p.error(f"--{name}: directory {parent} is not writable")
-        if name == "plot" and not path.lower().endswith(".png"):
-            p.error(f"--plot: expected a .png path, got {path!r}")
+    for name, suffix in (("json", None), ("plot", ".png")):
+        if getattr(args, name) is not None:
+            try:
+                IO.check_writable_file(getattr(args, name), f"--{name}", suffix)
+            except ValueError as e:
+                p.error(str(e))
     if args.threads <= 0:
         p.error(f"--threads must be positive, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -55,27 +51,9 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ output files
-def _publish(tmp: str, path: str) -> None:
-    """Give the temporary file the permissions a plain open() would (mkstemp makes it 0600), then move it
-    into place."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
-
-
 def write_json(path: str, obj) -> None:
-    """Write obj as JSON to path through a temporary file (never a half-written file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """obj as JSON at path, atomically (posenc.io)."""
+    IO.write_json(obj, path)
 
 
 def pyplot():
@@ -90,19 +68,11 @@ def pyplot():
 
 
 def save_figure(fig, path: str) -> None:
-    """fig as a PNG at path, through a temporary file."""
+    """fig as a PNG at path, atomically (posenc.io)."""
     plt = pyplot()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        IO.save_png(fig, path, dpi=110)
     finally:
         plt.close(fig)
 
@@ -119,27 +89,9 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in width])] + [line(r) for r in cells])
 
 
-class Progress:
-    """A one-line progress bar on stderr: Progress(total, label).step(), .close()."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.done, self.start = max(1, total), label, 0, time.time()
-        self._last = 0.0
-
-    def step(self, n: int = 1, note: str = ""):
-        self.done += n
-        now = time.time()
-        if now - self._last < 0.2 and self.done < self.total:
-            return
-        self._last = now
-        frac = min(1.0, self.done / self.total)
-        bar = "#" * int(24 * frac)
-        sys.stderr.write(f"\r{self.label} [{bar:<24}] {self.done}/{self.total} {now - self.start:5.0f}s {note}")
-        sys.stderr.flush()
-
-    def close(self):
-        sys.stderr.write("\n")
-        sys.stderr.flush()
+def Progress(total: int, label: str) -> progress.Progress:
+    """posenc's progress bar on stderr, in the argument order the scripts use: .step(note=...), .close()."""
+    return progress.Progress(label, total)
 
 
 # --------------------------------------------------------------------------------------------- statistics
