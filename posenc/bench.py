@@ -794,12 +794,7 @@ def write_json(rows: list[dict], path) -> None:
 def plot(rows: list[dict], path) -> None:
     """Bars of time / copy time per case, one bar per method; a line at the copy floor. A PNG at exactly
     path, written atomically."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("posenc.bench.plot needs matplotlib (pip install matplotlib)") from exc
+    plt = _io.pyplot()
     if rows and rows[0].get("kind") == "e2e":
         rows = [{**r, "shape": r["model"], "encoding": r["workload"], "pass": r["unit"],
                  "x_copy": r["x_unpatched"] if r["method"] != "unpatched" else (1.0 if r["ms"] else None)}

@@ -560,10 +560,7 @@ def plot_result(result: dict, directory: str) -> list[str]:
     """PNGs in `directory`: perplexity vs length (one line per encoding, the trained context marked), loss by
     position at the longest evaluated length, and a passkey heatmap (depth x length) per encoding. Each file
     is written to a temporary name and renamed into place. Returns the paths."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = IO.pyplot()
     os.makedirs(directory, exist_ok=True)
     figures = []
     trained = result["model"].get("trained_context")

@@ -96,6 +96,18 @@ def write_json(obj, path, **dump_kwargs) -> None:
         f.write("\n")
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported only when a plot is asked for; ImportError
+    saying how to get it otherwise."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("plots need matplotlib: pip install matplotlib") from exc
+    return plt
+
+
 def save_png(fig, path, **savefig_kwargs) -> str:
     """A matplotlib figure as PNG at exactly path (matplotlib's savefig appends ".png" to a name without an
     extension), atomically. Returns the path."""

@@ -57,14 +57,11 @@ def write_json(path: str, obj) -> None:
 
 
 def pyplot():
-    """matplotlib.pyplot with the Agg backend (imported only when a plot is asked for)."""
+    """matplotlib.pyplot on the Agg backend (posenc.io), imported only when a plot is asked for."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
-    return plt
+        return IO.pyplot()
+    except ImportError as e:
+        raise SystemExit(f"--plot: {e}") from None
 
 
 def save_figure(fig, path: str) -> None:

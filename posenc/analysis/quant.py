@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import io as _io
 from ..hf import current_patch
 from . import metrics as M
 from .capture import _eager_for, attention_layers
@@ -617,24 +618,17 @@ def plot_quant(comparison: dict, directory: str) -> list[str]:
     """PNGs into directory: quant_by_pair.png (per baseline scheme: k and q relative error and the share of the
     logit error by rotary pair, one line per encoding) and quant_k_err_<encoding>.png (k relative error per
     layer, kv head and pair, first scheme). Needs matplotlib; returns the paths written (each via a temp file)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install matplotlib") from None
+    plt = _io.pyplot()
     os.makedirs(directory, exist_ok=True)
     encs = comparison["encodings"]
     paths = []
 
     def save(fig, name):
-        path = os.path.join(directory, name)
-        tmp = path + ".tmp.png"
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
-        paths.append(path)
+        try:
+            paths.append(_io.save_png(fig, os.path.join(directory, name), dpi=110))
+        finally:
+            plt.close(fig)
 
     base = [i for i, r in enumerate(encs[0]["schemes"])
             if r["key_granularity"] == r["granularity"] and not r["keep_pairs"]] or [0]

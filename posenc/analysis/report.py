@@ -281,12 +281,7 @@ def summarize(report: dict, name: str | None = None) -> str:
 def plot_report(report: dict, directory: str) -> list[str]:
     """Heatmap PNGs into directory (created): sinks, value drains, q/k energy by frequency, k offsets, massive
     activations. Needs matplotlib; returns the paths written."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install matplotlib") from None
+    plt = _io.pyplot()
     os.makedirs(directory, exist_ok=True)
     layers = report["layers"]
     paths = []
