@@ -278,11 +278,10 @@ def _make_fn(method, pass_, enc, x: _Inputs):
         def fwd():
             return enc.apply(q, k, pos, inplace=inplace)
     elif method == "posenc_tables":  # the same op reading float32 cos/sin tables by position: no trig
-        from posenc.ops import _table_half, apply_rotary
+        from posenc.ops import apply_rotary
         table_pos = torch.arange(int(pos.max()) + 1, device=q.device)
-        # attention scale included; the half-width float32 form the op reads, built once, not per call
-        c, s = (_table_half(name, t, enc.rotary_dim, enc.interleaved)
-                for name, t in zip(("cos", "sin"), enc.cos_sin(table_pos, dtype=torch.float32)))
+        # attention scale included; built once, not per call (the op reads the first half of each row in place)
+        c, s = enc.cos_sin(table_pos, dtype=torch.float32)
 
         def fwd():
             return apply_rotary(q, k, c, s, pos, rotary_dim=enc.rotary_dim, rotated_pairs=enc.op_pairs,
