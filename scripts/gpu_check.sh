@@ -43,7 +43,7 @@ $PY -c 'import posenc; print("backend cpu:", posenc.backend("cpu")); print("back
 
 step "tests"
 XDIST=$($PY -c 'import xdist' >/dev/null 2>&1 && echo "-n 8")  # pytest-xdist where installed
-$PY -m pytest -q -p no:cacheprovider --durations=10 $XDIST ${PYTEST_ARGS:-} ${TEST_PATHS:-tests/} || status=1
+$PY -m pytest -q -p no:cacheprovider $XDIST ${PYTEST_ARGS:-} ${TEST_PATHS:-tests/} || status=1
 
 step "benchmark"
 $PY benchmarks/bench_rotary.py --device cuda --preset "${BENCH_PRESET:-gpu}" --json "$OUT/bench.json" --plot "$OUT/bench.png" \

@@ -1,7 +1,26 @@
-"""Independent float64 computations the tests compare against (written without posenc's code paths)."""
+"""Independent float64 computations the tests compare against (written without posenc's code paths), and
+what test_ops.py and test_cuda.py share: the devices a property runs on, the op's argument builder and the
+property checks."""
 import math
 
+import pytest
 import torch
+
+
+def _cuda_skip_reason():
+    """Why the "cuda" parametrisation cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    import posenc
+    if not posenc.ops._HAS_CUDA_KERNEL:  # (test_cuda.py fails loudly for this: a GPU build without its kernel)
+        return f"the CUDA kernel is not built: {posenc.backend('cuda')}"
+    return None
+
+
+# One test body per property, run on each device: `@pytest.mark.parametrize("device", DEVICES)`. (A
+# parametrisation, not a fixture: hypothesis refuses function-scoped fixtures in @given tests.)
+_CUDA_SKIP = _cuda_skip_reason()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.skip(reason=_CUDA_SKIP)] if _CUDA_SKIP else [])]
 
 
 def default_inv_freq(rotary_dim, base):
@@ -27,6 +46,25 @@ def masked_inv_freq(rotary_dim, pairs, base=10_000.0):
     inv = default_inv_freq(rotary_dim, base)
     inv[pairs:] = 0
     return inv
+
+
+def op_args(head_dim=64, pairs=None, rotary_dim=None, tables=False, batch=2, seq=5, scale=1.0,
+            interleaved=False, inverse=False, large=False, device="cpu"):
+    """The arguments of posenc::rotary after q and k: float64 inv_freq, or (tables) float32 cos/sin rows up to
+    the largest position; positions [batch, seq], counting up from a random start per row (up to 1.5e5 when
+    large, else 100)."""
+    rotary_dim = rotary_dim or head_dim
+    pairs = rotary_dim // 2 if pairs is None else pairs
+    positions = torch.randint(0, 150_000 if large else 100, (batch, 1)) + torch.arange(seq)
+    inv = default_inv_freq(rotary_dim, 10_000.0)
+    if tables:
+        rows = int(positions.max()) + 1
+        angle = torch.arange(rows, dtype=torch.float64)[:, None] * inv
+        cos, sin, inv = angle.cos().float().to(device), angle.sin().float().to(device), None
+    else:
+        cos = sin = None
+        inv = inv.to(device)
+    return (cos, sin, inv, positions.to(device), scale, rotary_dim, pairs, interleaved, inverse)
 
 
 def rotated_mask(head_dim, rotary_dim, pairs, interleaved):

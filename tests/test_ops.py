@@ -1,4 +1,6 @@
-"""The fused op on the CPU: kernel == reference, registration (opcheck), gradients, compile, strides."""
+"""The fused op: the CPU kernel == reference, and the properties every device's op must have (registration
+(opcheck), gradients, torch.compile, packed sequences, the hypothesis property test), one test body each,
+parametrised by device (helpers.DEVICES: "cuda" skips without a GPU). CUDA-only behaviour is in test_cuda.py."""
 
 import pytest
 import torch
@@ -6,24 +8,10 @@ from hypothesis import HealthCheck, given, settings
 
 import posenc
 from posenc.ops import rotary_reference
-from helpers import assert_close_to_64, check_packed_varlen, check_random_rotation, pair_magnitude, random_rotation_strategies, rotate64
+from helpers import (DEVICES, assert_close_to_64, check_packed_varlen, check_random_rotation, op_args,
+                     pair_magnitude, random_rotation_strategies, rotate64)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def op_args(head_dim=64, pairs=None, rotary_dim=None, tables=False, batch=2, seq=5, scale=1.0,
-            interleaved=False, inverse=False, large=False):
-    rotary_dim = rotary_dim or head_dim
-    pairs = rotary_dim // 2 if pairs is None else pairs
-    positions = torch.randint(0, 150_000 if large else 100, (batch, 1)) + torch.arange(seq)
-    inv = 10_000.0 ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    if tables:
-        rows = int(positions.max()) + 1
-        angle = torch.arange(rows, dtype=torch.float64)[:, None] * inv
-        cos, sin, inv = angle.cos().float(), angle.sin().float(), None
-    else:
-        cos = sin = None
-    return (cos, sin, inv, positions, scale, rotary_dim, pairs, interleaved, inverse)
 
 
 @pytest.mark.skipif(not posenc.ops._HAS_CPU_KERNEL, reason="C++ kernel not built")
@@ -45,24 +33,26 @@ def test_cpu_kernel_equals_reference(dtype, tables, interleaved, head_dim, rotar
     assert torch.equal(q2, got[0]) and torch.equal(k2, got[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tables", [False, True])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_opcheck(tables, inplace):
-    args = op_args(64, 24, tables=tables)
-    q = torch.randn(2, 5, 4, 64, requires_grad=not inplace)
-    k = torch.randn(2, 5, 2, 64, requires_grad=not inplace)
+def test_opcheck(tables, inplace, device):
+    args = op_args(64, 24, tables=tables, device=device)
+    q = torch.randn(2, 5, 4, 64, device=device, requires_grad=not inplace)
+    k = torch.randn(2, 5, 2, 64, device=device, requires_grad=not inplace)
     op = torch.ops.posenc.rotary_.default if inplace else torch.ops.posenc.rotary.default
     torch.library.opcheck(op, (q, k, *args))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("kind", ["rope", "hope"])
-def test_gradcheck_float64(interleaved, kind):
+def test_gradcheck_float64(interleaved, kind, device):
     enc = posenc.get_encoding(kind, head_dim=32, interleaved=interleaved,
-                              **({"context_length": 64} if kind == "hope" else {}))
-    positions = torch.randint(0, 1000, (2, 1)) + torch.arange(3)
-    q = torch.randn(2, 3, 2, 32, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 3, 1, 32, dtype=torch.float64, requires_grad=True)
+                              **({"context_length": 64} if kind == "hope" else {})).to(device)
+    positions = torch.randint(0, 100_000, (2, 1), device=device) + torch.arange(3, device=device)
+    q = torch.randn(2, 3, 2, 32, dtype=torch.float64, device=device, requires_grad=True)
+    k = torch.randn(2, 3, 1, 32, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: enc.apply(a, b, positions), (q, k))
     assert torch.autograd.gradgradcheck(lambda a, b: enc.apply(a, b, positions), (q, k))
 
@@ -102,24 +92,37 @@ def test_backward_matches_float64_transpose():
     assert_close_to_64(k.grad, rotate64(gk, -positions, inv), gk, torch.float32)
 
 
-def test_torch_compile_fullgraph():
-    enc = posenc.HoPE(64, context_length=256)
+# Inductor on the GPU (what users compile with there); aot_eager on the CPU, which still traces the op through
+# its fake and autograd registrations but spares CI (2 cores) inductor's C++ compile of the CPU code.
+COMPILE_BACKEND = {"cpu": "aot_eager", "cuda": "inductor"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    enc = posenc.HoPE(128, context_length=1024).to(device)
 
     def f(q, k, positions):
         q2, k2 = enc.apply(q, k, positions)
         return (q2 * 2).sum(-1), k2 + 1
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    q, k = torch.randn(2, 6, 4, 64, requires_grad=True), torch.randn(2, 6, 2, 64)
-    positions = torch.randint(0, 5000, (2, 6))
+    compiled = torch.compile(f, fullgraph=True, backend=COMPILE_BACKEND[device])
+    q = torch.randn(2, 6, 4, 128, device=device, requires_grad=True)
+    k = torch.randn(2, 6, 2, 128, device=device)
+    positions = torch.randint(0, 50_000, (2, 6), device=device)
     for a, b in zip(compiled(q, k, positions), f(q, k, positions)):
         torch.testing.assert_close(a, b)
     compiled(q, k, positions)[0].sum().backward()
-    assert q.grad is not None
+    g_compiled = q.grad.clone()
+    q.grad = None
+    f(q, k, positions)[0].sum().backward()
+    torch.testing.assert_close(g_compiled, q.grad)
 
 
-def test_packed_varlen_equals_per_sequence():
-    check_packed_varlen(posenc.RoPE(64), "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make_encoding", [lambda: posenc.RoPE(64), lambda: posenc.HoPE(64, context_length=512)],
+                         ids=["rope", "hope"])
+def test_packed_varlen_equals_per_sequence(make_encoding, device):
+    check_packed_varlen(make_encoding(), device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -141,10 +144,11 @@ def test_transformers_tables_match_apply_rotary_pos_emb(dtype):
         assert_close_to_64(o, exact, x, dtype, factor=4.0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**random_rotation_strategies())
-def test_property_random_shapes_and_strides(**case):
-    check_random_rotation("cpu", **case)
+def test_property_random_shapes_and_strides(device, **case):
+    check_random_rotation(device, **case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
