@@ -19,8 +19,9 @@ Shapes and conventions (what `forward(x, positions=None, attention_mask=None, ca
   rotates only the new token's key. One cache per layer: a cache is bound to the first layer that uses it.
 - GQA/MQA: query head i reads kv head i // (num_heads // num_kv_heads) (as transformers' `repeat_kv`, SDPA's
   `enable_gqa` and flash-attn do).
-- Attention: flash-attn when it imports and q is fp16/bf16 on CUDA with head_dim <= 256, else PyTorch's
-  `scaled_dot_product_attention`, else an eager softmax(q k^T / sqrt(head_dim)) v. `backend=` forces one.
+- Attention: flash-attn when it imports and q is fp16/bf16 on an Ampere or newer GPU with head_dim <= 256, else
+  PyTorch's `scaled_dot_product_attention`, else an eager softmax(q k^T / sqrt(head_dim)) v. `backend=` forces
+  one.
   The softmax scale is 1/sqrt(head_dim); the encoding's attention scale (YaRN/LongRoPE) is applied to q and
   k by the rotary op, as transformers does.
 """
@@ -73,6 +74,9 @@ def _flash_unusable(q: torch.Tensor) -> str | None:
         return f"flash-attn does not import ({_flash_error})"
     if q.device.type != "cuda":
         return f"flash-attn needs CUDA tensors, got {q.device.type}"
+    gpu = torch.cuda.get_device_properties(q.device)  # not get_device_capability: torch.compile folds this one
+    if gpu.major < 8:  # flash-attn 2 raises on these rather than running
+        return f"flash-attn needs an Ampere or newer GPU (compute capability 8.0+), got {gpu.major}.{gpu.minor}"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"flash-attn needs float16 or bfloat16, got {q.dtype}"
     if q.shape[-1] > _FLASH_MAX_HEAD_DIM:
@@ -85,12 +89,16 @@ def _flash_attention(q, k, v, keep, causal, dropout_p, scale):
     flash-attn aligns the causal mask to the bottom right (query i sees keys up to L - s + i), which is what
     a cache needs. With padding, the kept tokens are packed and run through the varlen kernel."""
     fa = _import_flash()
+    if q.numel() == 0:  # flash-attn refuses batch size 0; with no query there is nothing to compute
+        return q.new_zeros(q.shape)
     if keep is None:
         return fa.flash_attn_func(q, k, v, dropout_p, softmax_scale=scale, causal=causal)
     b, s, h, d = q.shape
     L, hk = k.shape[1], k.shape[2]
     q_keep = keep[:, L - s:]
     q_idx = q_keep.reshape(-1).nonzero().flatten()
+    if q_idx.numel() == 0:  # every query is padding: the outputs are 0
+        return q.new_zeros(q.shape)
     k_idx = keep.reshape(-1).nonzero().flatten()
     q_len, k_len = q_keep.sum(1, dtype=torch.int32), keep.sum(1, dtype=torch.int32)
     cu_q = F.pad(q_len.cumsum(0, dtype=torch.int32), (1, 0))
