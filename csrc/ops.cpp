@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "message.h"
 #include "rotary_op.h"
 
 // posenc._C is imported only for its side effect: loading this library runs the registrations below.
@@ -38,10 +39,10 @@ RotaryParams make_params(const at::Tensor& q, const at::Tensor& k, const std::op
   TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type(), "posenc::rotary: q and k must have one dtype");
   const auto dtype = q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-                   "posenc::rotary: q and k must be float32, float16, bfloat16 or float64, got ", dtype,
-                   "; convert them first, e.g. q.to(torch.bfloat16)");
+                   message("posenc::rotary: q and k must be float32, float16, bfloat16 or float64, got ", dtype,
+                           "; convert them first, e.g. q.to(torch.bfloat16)"));
   const int64_t head_dim = q.size(3);
-  TORCH_CHECK_VALUE(head_dim <= kMaxHeadDim, "posenc::rotary: head_dim must be <= ", kMaxHeadDim);
+  TORCH_CHECK_VALUE(head_dim <= kMaxHeadDim, message("posenc::rotary: head_dim must be <= ", kMaxHeadDim));
   TORCH_CHECK_VALUE(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim,
                     "posenc::rotary: rotary_dim must be even and in (0, head_dim]");
   TORCH_CHECK_VALUE(rotated_pairs >= 0 && rotated_pairs <= rotary_dim / 2,
@@ -83,7 +84,7 @@ RotaryParams make_params(const at::Tensor& q, const at::Tensor& k, const std::op
     const auto& s = *sin;
     const auto table_dtype = c.scalar_type();
     TORCH_CHECK_TYPE(table_dtype == at::kFloat || table_dtype == at::kBFloat16 || table_dtype == at::kHalf,
-                     "posenc::rotary: cos/sin tables must be float32, bfloat16 or float16, got ", table_dtype);
+                     message("posenc::rotary: cos/sin tables must be float32, bfloat16 or float16, got ", table_dtype));
     for (const auto* t : {&c, &s}) {
       TORCH_CHECK_TYPE(t->scalar_type() == table_dtype, "posenc::rotary: cos and sin must have one dtype");
       TORCH_CHECK_VALUE(t->dim() == 2 && t->size(1) >= rotated_pairs && (t->size(1) == 1 || t->stride(1) == 1) &&
@@ -180,10 +181,10 @@ void check_no_overlap(const at::Tensor& q, const at::Tensor& k, const std::optio
                       const std::optional<at::Tensor>& sin, const std::optional<at::Tensor>& inv_freq,
                       const at::Tensor& positions) {
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}}) {
-    TORCH_CHECK_VALUE(distinct_elements(t->sizes().data(), t->strides().data(), 4), "posenc::rotary_: ", name,
-                      " has (or may have) elements that share memory (strides ", t->strides(),
-                      ", e.g. from expand()), which an in-place rotation would rotate more than once; pass ", name,
-                      ".contiguous() (or clone()) or rotate out of place");
+    TORCH_CHECK_VALUE(distinct_elements(t->sizes().data(), t->strides().data(), 4),
+                      message("posenc::rotary_: ", name, " has (or may have) elements that share memory (strides ",
+                              t->strides(), ", e.g. from expand()), which an in-place rotation would rotate more ",
+                              "than once; pass ", name, ".contiguous() (or clone()) or rotate out of place"));
   }
   TORCH_CHECK_VALUE(disjoint(q, k), "posenc::rotary_: q and k share (or may share) memory (the same tensor, or "
                     "overlapping views), which an in-place rotation would rotate twice; pass separate tensors "

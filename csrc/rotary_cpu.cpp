@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #endif
 
+#include "message.h"
 #include "rotary_op.h"
 
 namespace posenc {
@@ -284,22 +285,23 @@ void check_positions(const RotaryParams& p) {
   }
   if (lo > hi) return;  // no tokens
   if (p.inv_freq == nullptr) {
-    TORCH_CHECK_INDEX(lo >= 0 && hi < p.table_rows, "posenc::rotary: positions must lie in [0, ", p.table_rows,
-                      ") (the rows of the cos/sin tables), got values in [", lo, ", ", hi,
-                      "]; pass tables with more rows or positions within them");
+    TORCH_CHECK_INDEX(lo >= 0 && hi < p.table_rows,
+                      message("posenc::rotary: positions must lie in [0, ", p.table_rows,
+                              ") (the rows of the cos/sin tables), got values in [", lo, ", ", hi,
+                              "]; pass tables with more rows or positions within them"));
     return;
   }
   double w_max = 0;
   for (int i = 0; i < p.rotated_pairs; ++i) {
-    TORCH_CHECK_VALUE(std::isfinite(p.inv_freq[i]), "posenc::rotary: inv_freq must be finite, got ", p.inv_freq[i],
-                      " at ", i);
+    TORCH_CHECK_VALUE(std::isfinite(p.inv_freq[i]),
+                      message("posenc::rotary: inv_freq must be finite, got ", p.inv_freq[i], " at ", i));
     w_max = std::max(w_max, std::abs(p.inv_freq[i]));
   }
   const double pos_max = std::max(std::abs(static_cast<double>(lo)), std::abs(static_cast<double>(hi)));
-  TORCH_CHECK_VALUE(pos_max * w_max <= kMaxAngle, "posenc::rotary: positions up to |", pos_max,
-                    "| with inv_freq up to ", w_max, " give angles beyond ", kMaxAngle,
-                    " (2^28), where they are no longer accurate; keep |positions| * max(inv_freq) <= 2^28 ",
-                    "(|positions| <= 2^28 for inv_freq <= 1)");
+  TORCH_CHECK_VALUE(pos_max * w_max <= kMaxAngle,
+                    message("posenc::rotary: positions up to |", pos_max, "| with inv_freq up to ", w_max,
+                            " give angles beyond ", kMaxAngle, " (2^28), where they are no longer accurate; keep ",
+                            "|positions| * max(inv_freq) <= 2^28 (|positions| <= 2^28 for inv_freq <= 1)"));
 }
 
 void launch_cpu(const RotaryParams& p, at::ScalarType dtype) {

@@ -70,6 +70,59 @@ def test_positions_outside_the_table_raise_and_never_abort():
     assert "positions must lie in [0, 16)" in out
 
 
+def torch_check_calls(source):
+    """(macro, arguments) of each TORCH_CHECK* call in C++ source, arguments split at top-level commas."""
+    calls, i = [], 0
+    while (i := source.find("TORCH_CHECK", i)) >= 0:
+        name_end = source.index("(", i)
+        depth, j, args, start, quote = 0, name_end, [], name_end + 1, None
+        while True:
+            c = source[j]
+            if quote:
+                quote = None if c == quote and source[j - 1] != "\\" else quote
+            elif c in "\"'":
+                quote = c
+            elif c in "([{":
+                depth += 1
+            elif c in ")]}":
+                depth -= 1
+                if depth == 0:
+                    args.append(source[start:j].strip())
+                    break
+            elif c == "," and depth == 1:
+                args.append(source[start:j].strip())
+                start = j + 1
+            j += 1
+        calls.append((source[i:name_end], args))
+        i = j
+    return calls
+
+
+def test_check_messages_never_stream_values():
+    """A TORCH_CHECK with values after the text formats them through std::ostream inside the extension. On the
+    GPU image (a side-installed g++ whose libstdc++ copy is linked into the extension) that stream code ran on
+    uninitialised locale data and a refusal crashed the process with SIGSEGV instead of raising, so each check
+    passes one message: string literals, or posenc::message(...) (csrc/message.h), which formats without
+    streams."""
+    root = os.path.join(os.path.dirname(HERE), "csrc")
+    checked = 0
+    for name in sorted(os.listdir(root)):
+        if name == "message.h" or not name.endswith((".h", ".cpp", ".cu")):
+            continue
+        with open(os.path.join(root, name)) as f:
+            for macro, args in torch_check_calls(f.read()):
+                checked += 1
+                assert len(args) == 2, f"{name}: {macro} with {len(args) - 1} message arguments: {args[1:]}"
+                assert args[1].startswith(('"', "message(")), f"{name}: {macro} message {args[1]!r}"
+    assert checked >= 25, checked  # the scan found the checks
+
+
+def test_torch_check_scan_sees_streamed_values():
+    calls = torch_check_calls('TORCH_CHECK_VALUE(f(a, b) > 0, "x (", n, ")"); TORCH_CHECK(c, message("y", m));')
+    assert calls == [("TORCH_CHECK_VALUE", ["f(a, b) > 0", '"x ("', "n", '")"']),
+                     ("TORCH_CHECK", ["c", 'message("y", m)'])]
+
+
 @needs_kernel
 def test_positions_inside_the_table_still_computed():
     cos, sin = torch.rand(16, 4), torch.rand(16, 4)
