@@ -498,11 +498,15 @@ class _Run:
         if not self.procs.distributed:
             return model
         if self.args.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
+            # The mesh on the run's device: fully_shard's default mesh is on CUDA wherever CUDA exists, which
+            # fails for a CPU (gloo) run on a machine with fewer GPUs than processes.
+            mesh = init_device_mesh(self.procs.device.type, (self.procs.world,))
             base = model.get_base_model() if self.lora_config else model
             for layer in base.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
             return model
         from torch.nn.parallel import DistributedDataParallel
         ids = [self.procs.device.index] if self.procs.device.type == "cuda" else None
