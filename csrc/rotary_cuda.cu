@@ -4,8 +4,7 @@
 // tokens are consecutive in (batch, seq) order, or in (seq, batch) order (seq-major) when the batch rows share
 // positions and cos/sin is a large part of the work, so that a block computes cos/sin once per position.
 //  0. Each thread first issues the loads of its first unit, so that their latency overlaps step 1 rather
-//     than following the barrier (blocks are short-lived; on an H100 this took Llama shapes from 1.13x to
-//     1.04x the time of a copy).
+//     than following the barrier (blocks are short-lived, so that latency is a large share of their time).
 //  1. The block's positions and per-token row offsets of the four tensors (q/k in/out) go to shared memory,
 //     one token per thread (so no 64-bit division is left for the hot loop, and each position is loaded
 //     once); then cos/sin of those tokens (float32; float64 for float64 data), as rotary.h defines them:
@@ -36,15 +35,11 @@
 #include <cstdint>
 #include <limits>
 
+#include "launch_plan.h"
 #include "rotary_op.h"
 
 namespace posenc {
 namespace {
-
-// Threads per block. The 16-bit half-split kernels take 56 registers (9 blocks of 128 per multiprocessor);
-// forcing more blocks with __launch_bounds__ spilled in the unit loop and was slower on an H200: 10 blocks
-// (48 registers) took Llama forward 1.04x -> 1.06x a copy and HoPE in place 1.13x -> 1.28x, 12 blocks 1.60x.
-constexpr int kThreads = 128;
 
 template <typename T, int W>
 struct alignas(sizeof(T) * W > 16 ? 16 : sizeof(T) * W) Vec {
@@ -121,8 +116,8 @@ __device__ __forceinline__ void rotate_inter(const T* in, int64_t ics, T* out, i
 // In place, the chunk holding the last rotated pairs: its first `rem` pairs (half-split) or channels
 // (interleaved) are split into aligned power-of-two pieces, largest first, so that channels which do not
 // rotate are neither read nor written. Piece j of a row is its own unit: the pieces of one row go to
-// neighbouring lanes, whose accesses then share cache lines (one lane per row moving every piece took
-// HoPE in place 20% over p-RoPE). Returns the piece's width, in pairs or channels, and sets its offset.
+// neighbouring lanes, whose accesses then share cache lines (unlike one lane per row moving every piece).
+// Returns the piece's width, in pairs or channels, and sets its offset.
 template <int V>
 __device__ __forceinline__ int piece_of(int rem, int j, int& off) {
   off = 0;
@@ -153,10 +148,8 @@ __device__ __forceinline__ void rotate_piece(T* row, int ch, int h, const Acc* c
 }
 
 // n / d for 0 <= n < 2^31 by a multiply-high and a shift, d fixed per launch (Granlund-Montgomery, as in
-// CUTLASS's FastDivmod). A division by a runtime int is a ~20-instruction sequence, and the unit loop did two
-// per unit: on an H200 the kernel issued an instruction on ~75% of cycles (Nsight Compute), so they counted.
-// Replacing them took Llama forward from 1.07x to 1.04x a copy on an H200, Gemma 1.23x -> 1.16x, Gemma 4
-// out of place 1.33x -> 1.20x and in place 0.334x -> 0.306x, HoPE out of place 1.28x -> 1.16x.
+// CUTLASS's FastDivmod): a division by a runtime int is a ~20-instruction sequence, and the unit loop, two
+// per unit, is bound by instruction issue.
 struct FastDiv {
   uint32_t divisor = 1, multiplier = 0, shift = 0;
   FastDiv() = default;
@@ -194,9 +187,8 @@ struct LaunchShape {
 
 // V: channels per unit access (16 bytes worth on the fast path, 1 otherwise). kPartial: in place with a
 // partial last chunk per head. kPipe: each thread's next unit is loaded before the current unit's work.
-// kSeqMajor: tokens in (seq, batch) order, cos/sin rows per position. Each is its own instantiation: carrying
-// the pipeline's code in the other kernels, even switched off, measured 3-5% slower on Llama and Gemma shapes,
-// and the seq-major order as a runtime switch 1-3% (Llama, decoding) on an H200.
+// kSeqMajor: tokens in (seq, batch) order, cos/sin rows per position. Each is its own instantiation: as
+// runtime switches they cost the other kernels time even when off.
 template <typename T, int V, bool kInter, bool kPartial, bool kPipe, bool kSeqMajor>
 __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, const LaunchShape L) {
   using Acc = at::opmath_type<T>;
@@ -395,9 +387,7 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
         }
       } else if (cnt == W) {
         // Every pair of the unit rotates (all units but one per head at most): with the count a constant, the
-        // per-element choice between rotated and copied values disappears, 16 selects per unit. On an H200
-        // (outputs unchanged): Llama forward 1.041x -> 1.031x a copy, Gemma 1.095x -> 1.087x, Gemma 4 out of
-        // place 1.194x -> 1.145x, p-RoPE 0.75 in place 1.008x -> 0.990x, decode 1.199x -> 1.176x.
+        // per-element choice between rotated and copied values disappears, 16 selects per unit.
         rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, W, have, pa, pb);
       } else {
         rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, cnt, have, pa, pb);
@@ -414,11 +404,6 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
 }
 
 // What launches plan for on the current device, read once per device (no synchronisation: capture-safe).
-struct DevicePlan {
-  int multiprocessors = 0;   // 0: not read yet
-  int units_per_thread = 4;  // out of place: the most units a thread takes (the block's size in units / 128)
-};
-
 const DevicePlan& device_plan() {
   static DevicePlan cache[64];
   static const DevicePlan unknown{132, 4};
@@ -430,148 +415,86 @@ const DevicePlan& device_plan() {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, dev));
-    sms = std::max(1, sms);
-    // A multiprocessor must keep its share of the DRAM bandwidth times the memory latency in flight (Little's
-    // law), so the units a thread takes grow with the bandwidth per multiprocessor: 4 measured best on an
-    // H100 (25.4 GB/s per multiprocessor), 6 on an H200 (36.5 GB/s: Llama forward 1.15x -> 1.07x a copy, 5
-    // gave 1.08x, 8 was worse than 6). Within 4..8, the range measured.
-    const double gb_per_s = 2e-6 * clock_khz * bus_bits / 8 / sms;  // double data rate
-    plan.units_per_thread = std::clamp(static_cast<int>(std::lround(4 * gb_per_s / 25.4)), 4, 8);
-    plan.multiprocessors = sms;  // last: it marks the entry as read
+    const DevicePlan read = plan_device(sms, clock_khz, bus_bits);
+    plan.units_per_thread = read.units_per_thread;
+    plan.multiprocessors = read.multiprocessors;  // last: it marks the entry as read
   }
   return plan;
 }
 
-bool aligned_rows(const RotaryTensor& x, const RotaryParams& p, int v, int bytes) {
-  if (x.stride[3] != 1 || reinterpret_cast<uintptr_t>(x.data) % bytes != 0) return false;
-  const int64_t sizes[3] = {p.batch, p.seqlen, x.heads};
-  for (int d = 0; d < 3; ++d) {
-    if (sizes[d] > 1 && x.stride[d] % v != 0) return false;
-  }
-  return true;
+PlanTensor plan_tensor(const RotaryTensor& x) {
+  return {reinterpret_cast<uintptr_t>(x.data), x.heads, {x.stride[0], x.stride[1], x.stride[2], x.stride[3]}};
 }
 
+// Launches the kernel instantiation that the plan names (V: plan.vector).
 template <typename T, int V, bool kInter>
-void launch_with(const RotaryParams& p) {
-  using Acc = at::opmath_type<T>;
-  constexpr bool kUnit = V > 1;
-  constexpr int W = kUnit ? V : (kInter ? 2 : 1);
-  constexpr int pairs_per_unit = kInter ? W / 2 : W;
-  const int n = p.rotated_pairs;
-  const int half = p.rotary_dim / 2;
-  const int D = static_cast<int>(p.head_dim);
-
+void launch_with(const RotaryParams& p, const LaunchPlan& plan) {
   LaunchShape L{};
-  L.tokens = p.batch * p.seqlen;
-  if (p.inplace) {  // only the chunks holding rotated pairs; a partial last chunk separately
-    const int rotated = kInter ? 2 * n : n;  // channels (interleaved) or pairs (half-split)
-    L.rot_units = L.units_per_head = rotated / W;
-    L.partial_rem = rotated % W;
-  } else if (kInter) {
-    L.rot_units = L.units_per_head = D / W;
-  } else {
-    L.rot_units = half / W;
-    L.units_per_head = L.rot_units + (D - 2 * half) / W;
-  }
-  const int h_total = static_cast<int>(p.q_in.heads + p.k_in.heads);
-  L.partial_pieces = __builtin_popcount(L.partial_rem);
-  const int per_head = L.units_per_head + L.partial_pieces;
-  if (per_head == 0 || h_total == 0 || L.tokens == 0) return;  // nothing to touch
-  L.n_stride = (n + pairs_per_unit - 1) / pairs_per_unit * pairs_per_unit;
-
-  // Out of place with channels that only copy (partial rotary, p-RoPE, HoPE), a thread mostly waits for
-  // loads: keeping its next unit's loads in flight too took Gemma 4 (D=512, p=0.25) from 1.20x to 1.14x and
-  // HoPE from 1.21x to 1.12x a copy on an H100 (the kPipe kernels, when blocks hold whole tokens). When every
-  // unit rotates it measured 5-10% slower on an H100, 11% on an H200. In place it pays where a head's rotating
-  // chunks are whole and few cos/sin per unit are computed: p-RoPE 0.75 at D=128 1.07x -> 1.01x on an H200;
-  // with a partial chunk (HoPE) it took 1.13x -> 1.36x, and Gemma 4 in place (a cos/sin per unit) 0.295x ->
-  // 0.335x.
-  const int64_t per_token = static_cast<int64_t>(h_total) * per_head;
-  const bool pipelined = kUnit && (!p.inplace ? (kInter ? 2 * n < D : n < half || 2 * half < D)
-                                              : L.partial_rem == 0 && (kInter ? 2 * n < p.rotary_dim : n < half) &&
-                                                    4 * L.n_stride < per_token);
-  // Aim for >= 4 blocks per multiprocessor when the problem allows it (but >= 64 units per block: decoding,
-  // B=64 S=1, measured 1.16x -> 1.13x a copy on an H100 and 1.27x -> 1.23x on an H200 against 32), and up
-  // to `units_per_thread` units per thread. In place always 4 (5 or 6 made HoPE and p-RoPE in place 5-15%
-  // slower on an H200); the pipelined kernels at least 6 (Gemma 4 out of place 1.13x -> 1.08x, HoPE 1.11x ->
-  // 1.06x on an H100, 1.42x -> 1.33x and 1.39x -> 1.28x on an H200; 6 for the others made them 2-4% slower
-  // on an H100).
-  const int64_t total = L.tokens * per_token;
-  const DevicePlan& dev = device_plan();
-  const int units_per_thread = p.inplace ? 4 : pipelined ? std::max(6, dev.units_per_thread) : dev.units_per_thread;
-  const int64_t target = std::min<int64_t>(units_per_thread * kThreads,
-                                           std::max<int64_t>(64, total / (4 * dev.multiprocessors)));
-  const int max_tokens_smem =
-      std::max(1, static_cast<int>(32768 / (6 * sizeof(int64_t) + 2 * sizeof(Acc) * std::max(1, L.n_stride))));
-  int splits = 1;
-  if (per_token <= target) {
-    L.tokens_per_block = static_cast<int>(std::min<int64_t>({target / per_token, 64, max_tokens_smem, L.tokens}));
-    L.heads_per_block = h_total;
-  } else {
-    L.tokens_per_block = 1;
-    splits = static_cast<int>(std::min<int64_t>(h_total, (per_token + target - 1) / target));
-    L.heads_per_block = (h_total + splits - 1) / splits;
-    splits = (h_total + L.heads_per_block - 1) / L.heads_per_block;
-  }
-  // Measured on an H100: prefetching pays off when blocks hold whole tokens (about 8% on Llama shapes) and
-  // costs about 6% when they hold a slice of one token's heads (decoding, where latency dominates).
-  // (On an H200 too, prefetching in split tokens measured 1.22x -> 1.28x a copy when decoding.)
-  L.prefetch = splits == 1;
-  L.pipeline = pipelined && L.prefetch;
-  // Positions shared by the batch rows (the default positions, transformers' position_ids) and a cos/sin
-  // element for every few units (>= 1 per 4: Gemma's D=256 with one k head, Gemma 4 in place): blocks take
-  // tokens in (seq, batch) order, so that the batch rows of one position share its cos/sin, and a whole
-  // number of positions when they hold at least one. On an H200: Gemma 1.17x -> 1.09x a copy, Gemma 4 in
-  // place 0.306x -> 0.287x. Where cos/sin are a small share (Llama: 64 per 320 units), the same order
-  // measured 1-2% slower (four streams of rows at once instead of one), so it is not used there.
-  L.seq_major = kUnit && !L.pipeline && L.partial_rem == 0 && p.pos_stride[0] == 0 && p.batch > 1 &&
-                L.tokens_per_block > 1 && 4 * L.n_stride >= per_token;
-  if (L.seq_major && L.tokens_per_block >= p.batch) {
-    const int64_t rounded = (L.tokens_per_block + p.batch / 2) / p.batch * p.batch;
-    L.tokens_per_block = static_cast<int>(std::min<int64_t>({rounded, 64, max_tokens_smem, L.tokens}));
-  }
-  L.cos_rows = L.seq_major ? static_cast<int>(std::min<int64_t>(L.tokens_per_block,
-                                                                (L.tokens_per_block + p.batch - 2) / p.batch + 1))
-                           : L.tokens_per_block;
+  L.tokens = plan.tokens;
+  L.tokens_per_block = plan.tokens_per_block;
+  L.heads_per_block = plan.heads_per_block;
+  L.units_per_head = plan.units_per_head;
+  L.rot_units = plan.rot_units;
+  L.partial_rem = plan.partial_rem;
+  L.partial_pieces = plan.partial_pieces;
+  L.n_stride = plan.n_stride;
+  L.cos_rows = plan.cos_rows;
+  L.seq_major = plan.seq_major;
+  L.prefetch = plan.prefetch;
+  L.pipeline = plan.pipeline;
   L.by_units_per_head = FastDiv(L.units_per_head);
   L.by_heads_per_block = FastDiv(L.heads_per_block);
   L.by_n_stride = FastDiv(L.n_stride);
   L.by_partial_pieces = FastDiv(L.partial_pieces);
-  const int64_t units_per_block = static_cast<int64_t>(L.tokens_per_block) * L.heads_per_block * per_head;
-  const int threads = static_cast<int>(std::min<int64_t>(kThreads, (units_per_block + 31) / 32 * 32));
-  const dim3 grid(static_cast<unsigned>((L.tokens + L.tokens_per_block - 1) / L.tokens_per_block), splits);
-  const size_t smem = L.tokens_per_block * (4 * sizeof(int64_t) + sizeof(int)) +
-                      (L.tokens_per_block + 1) / 2 * 2 * sizeof(int64_t) + 2 * sizeof(Acc) * L.cos_rows * L.n_stride;
+  const dim3 grid(static_cast<unsigned>(plan.token_blocks), static_cast<unsigned>(plan.head_blocks));
+  const int threads = plan.threads;
+  const size_t smem = plan.shared_bytes;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if constexpr (kUnit) {
-    if (L.partial_rem != 0) {
-      rotary_kernel<T, V, kInter, true, false, false><<<grid, threads, smem, stream>>>(p, L);
-    } else if (L.pipeline) {
-      rotary_kernel<T, V, kInter, false, true, false><<<grid, threads, smem, stream>>>(p, L);
-    } else if (L.seq_major) {
-      rotary_kernel<T, V, kInter, false, false, true><<<grid, threads, smem, stream>>>(p, L);
-    } else {
-      rotary_kernel<T, V, kInter, false, false, false><<<grid, threads, smem, stream>>>(p, L);
+  if constexpr (V > 1) {
+    switch (plan.kernel) {
+      case KernelKind::kPartial:
+        rotary_kernel<T, V, kInter, true, false, false><<<grid, threads, smem, stream>>>(p, L);
+        break;
+      case KernelKind::kPipelined:
+        rotary_kernel<T, V, kInter, false, true, false><<<grid, threads, smem, stream>>>(p, L);
+        break;
+      case KernelKind::kSeqMajor:
+        rotary_kernel<T, V, kInter, false, false, true><<<grid, threads, smem, stream>>>(p, L);
+        break;
+      default:
+        rotary_kernel<T, V, kInter, false, false, false><<<grid, threads, smem, stream>>>(p, L);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+  } else {  // the scalar path has one kernel (the planner chooses no other for it)
+    rotary_kernel<T, V, kInter, false, false, false><<<grid, threads, smem, stream>>>(p, L);
   }
-  rotary_kernel<T, V, kInter, false, false, false><<<grid, threads, smem, stream>>>(p, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
 void launch_typed(const RotaryParams& p) {
+  using Acc = at::opmath_type<T>;
+  PlanInput in{};
+  in.q_in = plan_tensor(p.q_in);
+  in.k_in = plan_tensor(p.k_in);
+  in.q_out = plan_tensor(p.q_out);
+  in.k_out = plan_tensor(p.k_out);
+  in.batch = p.batch;
+  in.seqlen = p.seqlen;
+  in.head_dim = p.head_dim;
+  in.rotary_dim = p.rotary_dim;
+  in.rotated_pairs = p.rotated_pairs;
+  in.interleaved = p.interleaved;
+  in.inplace = p.inplace;
+  in.shared_positions = p.pos_stride[0] == 0;
+  in.element_bytes = sizeof(T);
+  in.arithmetic_bytes = sizeof(Acc);
+  const LaunchPlan plan = plan_launch(in, device_plan());
+  if (plan.kernel == KernelKind::kNone) return;  // nothing to touch
   constexpr int V = 16 / sizeof(T);
-  const int half = p.rotary_dim / 2;
-  bool vec = p.head_dim % V == 0 && (p.interleaved || half % V == 0);
-  for (const RotaryTensor* x : {&p.q_in, &p.k_in, &p.q_out, &p.k_out}) {
-    vec = vec && (x->heads == 0 || aligned_rows(*x, p, V, 16));
-  }
   if (p.interleaved) {
-    vec ? launch_with<T, V, true>(p) : launch_with<T, 1, true>(p);
+    plan.vector > 1 ? launch_with<T, V, true>(p, plan) : launch_with<T, 1, true>(p, plan);
   } else {
-    vec ? launch_with<T, V, false>(p) : launch_with<T, 1, false>(p);
+    plan.vector > 1 ? launch_with<T, V, false>(p, plan) : launch_with<T, 1, false>(p, plan);
   }
 }
 

@@ -117,7 +117,8 @@ def load():
 
     src = emulated_source(read(CSRC, "rotary_cuda.cu"))
     key = hashlib.sha256("\n".join([src, read(HERE, "cuda_emulator.h"), read(CSRC, "ops.cpp"),
-                                    read(CSRC, "rotary.h"), read(CSRC, "rotary_op.h"), torch.__version__])
+                                    read(CSRC, "rotary.h"), read(CSRC, "rotary_op.h"),
+                                    read(CSRC, "launch_plan.h"), torch.__version__])
                          .encode()).hexdigest()[:16]
     build = os.path.join(tempfile.gettempdir(), f"posenc_cuda_emulator_{key}")
     os.makedirs(build, exist_ok=True)
