@@ -384,26 +384,28 @@ def _default_positions(batch, seq, device):
 
 
 def _fast_token_tables(cos, sin, batch, seq, rotary_dim, device):
-    """transformers' per-token tables ([1 or batch with batch stride 0, seq, R]) as the op reads them (views of
-    the first half, one row per position), or None where the full path must check them."""
+    """transformers' per-token tables ([1 or batch, seq, R]) as the op reads them: views of the first half, one
+    row per position when the batch rows share them (batch 1 or batch stride 0), else one row per token (rows
+    of [batch * seq, R], as when decoding with per-row positions); None where the full path must check them."""
     if (type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dtype not in _TABLE_DTYPES
             or sin.dtype != cos.dtype or cos.layout != torch.strided or sin.layout != torch.strided
             or cos.dim() != 3 or cos.shape != sin.shape or cos.device != device or sin.device != device
             or ((cos.requires_grad or sin.requires_grad) and torch.is_grad_enabled())):
         return None
     rows, length, width = cos.shape
-    if length != seq or not (rows == 1 or (rows == batch and cos.stride(0) == 0 and sin.stride(0) == 0)):
-        return None
     half = rotary_dim // 2
-    if width == rotary_dim:
-        c, s = cos[0, :, :half], sin[0, :, :half]
-    elif width == half:
-        c, s = cos[0], sin[0]
+    if length != seq or width not in (rotary_dim, half):
+        return None
+    if rows == 1 or (rows == batch and cos.stride(0) == 0 and sin.stride(0) == 0):
+        c, s, positions = cos[0, :, :half], sin[0, :, :half], _default_positions(batch, seq, device)
+    elif rows == batch and all(t.stride(0) == seq * t.stride(1) or seq == 1 for t in (cos, sin)):
+        c, s = cos[:, :, :half].flatten(0, 1), sin[:, :, :half].flatten(0, 1)  # views, by the strides tested
+        positions = _token_positions(batch, seq, device)
     else:
         return None
     if half > 1 and (c.stride(-1) != 1 or s.stride(-1) != 1):
         return None
-    return c, s, _default_positions(batch, seq, device)
+    return c, s, positions
 
 
 def _fast_rotary(q, k, cos, sin, positions, inv_freq, scale, rotary_dim, rotated_pairs, interleaved, layout,

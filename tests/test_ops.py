@@ -257,7 +257,7 @@ def test_cpu_kernel_reads_half_tables_exactly(table_dtype):
 
 def test_per_token_tables_are_read_without_copies():
     """transformers' per-token cos/sin (model dtype, [1 or batch, seq, head_dim], halves duplicated, batch stride
-    0 from an expand) reach the op as views: no dtype conversion, no copy, no allocation but the outputs; the
+    0 from an expand, or a row per token as per-row positions give) reach the op as views: no dtype conversion, no copy, no allocation but the outputs; the
     result equals the float64 rotation with the same tables."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -271,17 +271,22 @@ def test_per_token_tables_are_read_without_copies():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         q = torch.randn(B, 4, S, D).to(dtype)  # bhsd, as transformers passes
         k = torch.randn(B, 2, S, D).to(dtype)
+        rows = angle + 11.0 * torch.arange(B, dtype=torch.float64)[:, None, None]  # per-row positions
         for cos, sin in ((angle.cos().to(dtype)[None], angle.sin().to(dtype)[None]),
-                         (angle.cos().to(dtype).expand(B, S, D), angle.sin().to(dtype).expand(B, S, D))):
-            posenc.apply_rotary(q, k, cos, sin, layout="bhsd")  # warm the cached positions
+                         (angle.cos().to(dtype).expand(B, S, D), angle.sin().to(dtype).expand(B, S, D)),
+                         (rows.cos().to(dtype), rows.sin().to(dtype)),
+                         (rows.cos().to(dtype)[:, :1], rows.sin().to(dtype)[:, 3:4])):  # decoding, strided
+            seq = cos.shape[1]
+            qs, ks = q[:, :, :seq], k[:, :, :seq]
+            posenc.apply_rotary(qs, ks, cos, sin, layout="bhsd")  # warm the cached positions
             mode = Ops()
             mode.seen = []
             with mode:
-                qo, ko = posenc.apply_rotary(q, k, cos, sin, layout="bhsd")
+                qo, ko = posenc.apply_rotary(qs, ks, cos, sin, layout="bhsd")
             assert [op for op in mode.seen if op not in ("aten.select", "aten.slice", "aten.transpose",
                                                          "aten.expand", "aten.unsqueeze", "aten.view")] \
                 == ["posenc.rotary"], mode.seen
-            for x, out in ((q, qo), (k, ko)):
+            for x, out in ((qs, qo), (ks, ko)):
                 c, s = cos.double()[:, None], sin.double()[:, None]
                 xd = x.double()
                 want = xd * c + torch.cat([-xd[..., D // 2:], xd[..., : D // 2]], -1) * s
