@@ -288,6 +288,113 @@ def test_outlier_lineup_on_planted_outliers():
     assert out["summary"]["most_attended_is_massive_after"] == 1.0
 
 
+@pytest.fixture(scope="module")
+def tiny_finetuned(tmp_path_factory):
+    """Two tiny-llama runs of posenc finetune (2 steps on 20 stdlib files): HoPE and p-RoPE 0.25, with the
+    saved q and k projections then scaled by 10. A random tiny model attends almost uniformly, so RoPE and
+    p-RoPE 0.25 give it text losses 3e-6 apart, within the tolerance that checks which one the analysis ran;
+    sharper attention puts them ~6e-3 apart."""
+    from safetensors.torch import load_file, save_file
+
+    from posenc.training import FinetuneArgs, finetune
+    root = tmp_path_factory.mktemp("finetuned")
+    dirs = {}
+    for name, spec in (("hope", "hope"), ("prope", "prope:0.25")):
+        dirs[name] = root / name
+        finetune(FinetuneArgs(model="tiny-llama", encoding=spec, output=str(dirs[name]), seq_len=32, steps=2,
+                              batch_size=2, warmup=1, eval_rows=2, max_documents=20, save_every=0,
+                              dtype="float32", device="cpu", quiet=True))
+        weights = load_file(dirs[name] / "model.safetensors")
+        weights = {k: w * 10 if k.endswith(("q_proj.weight", "k_proj.weight")) else w for k, w in weights.items()}
+        save_file(weights, dirs[name] / "model.safetensors", metadata={"format": "pt"})
+    return dirs
+
+
+def _text_loss(model, ids):
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    return float(torch.nn.functional.cross_entropy(logits[0, :-1].double(), ids[0, 1:]) / 2
+                 + torch.nn.functional.cross_entropy(logits[1, :-1].double(), ids[1, 1:]) / 2)
+
+
+def test_quick_run_with_two_finetuned_models(tiny_finetuned, tmp_path):
+    from posenc.analysis import load_model
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    proc = subprocess.run([sys.executable, str(PAPERS / "systematic_outliers.py"), "--quick", "--json", str(out),
+                           "--plot", str(png), "--finetuned", str(tiny_finetuned["hope"]),
+                           "--finetuned", str(tiny_finetuned["prope"])], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == len(SO.VARIANTS) + 2
+    base, _, _ = load_model("tiny-llama")
+    ids, _ = C.real_model_inputs(None, base.config.vocab_size, 48)
+    for r, name, encoding in zip(results[-2:], ("hope", "prope"), ("hope", "prope:0.25")):
+        record = json.loads((tiny_finetuned[name] / "finetune.json").read_text())
+        assert r["label"] == f"fine-tuned ({name})" and r["finetune"]["encoding"] == encoding
+        assert r["finetune"]["steps"] == 2 and r["finetune"]["eval_loss"] == record["final"]["eval_loss"]
+        # the analysis ran the patched model: its loss is the reloaded patched model's, not RoPE's
+        model, _, _ = load_model(str(tiny_finetuned[name]))
+        assert posenc.is_patched(model) and r["patch"]["encoding"] == name
+        assert r["loss"] == pytest.approx(_text_loss(model, ids), rel=1e-5)
+        posenc.unpatch(model)
+        assert r["loss_unpatched"] == pytest.approx(_text_loss(model, ids), rel=1e-5)
+    assert results[-1]["patch"]["p"] == 0.25
+    # p-RoPE 0.25 is not RoPE here: the gap is >15x the tolerance above, so those checks tell the two apart
+    assert abs(results[-1]["loss"] - results[-1]["loss_unpatched"]) > 1e-3
+    assert "fine-tuned (prope)" in proc.stdout
+
+
+def test_finetune_record_reads_finetune_json(tiny_finetuned, tmp_path):
+    record = json.loads((tiny_finetuned["prope"] / "finetune.json").read_text())
+    got = SO.finetune_record(str(tiny_finetuned["prope"]))
+    assert got["encoding"] == "prope:0.25" and got["steps"] == 2 and got["seq_len"] == 32 and got["seed"] == 0
+    assert got["eval_loss_before"] == record["final"]["eval_loss_before"] and got["lr"] == record["lr"]
+    assert got["command"] == record["command"]
+    assert SO.finetune_record(str(tmp_path)) is None  # no finetune.json: nothing to report, not an error
+    for text in ("{not json", "[1, 2]", '{"args": [1], "final": {}}'):
+        (tmp_path / "finetune.json").write_text(text)
+        with pytest.raises(ValueError, match="finetune.json"):
+            SO.finetune_record(str(tmp_path))
+
+
+def test_finetuned_model_is_checked_against_the_analysed_model_and_its_record(tiny_finetuned):
+    from posenc.analysis import load_model
+    from posenc.hf import current_patch
+    base, _, _ = load_model("tiny-llama")
+    other, _, _ = load_model("tiny-qwen3")
+    model, _, _ = load_model(str(tiny_finetuned["hope"]))
+    patch = current_patch(model)
+    record = SO.finetune_record(str(tiny_finetuned["hope"]))
+    SO._check_finetuned("d", model, base.config, record, patch)  # the right pairing passes
+    SO._check_finetuned("d", model, base.config, None, patch)  # no finetune.json: only the shape is checked
+    with pytest.raises(ValueError, match="not a fine-tune of the analysed model"):
+        SO._check_finetuned("d", model, other.config, record, patch)
+    for encoding, message in (("prope:0.25", "loads with"), ("original", "loads patched"),
+                              (f"hope:{patch['context_length'] + 1}", "loads with")):
+        with pytest.raises(ValueError, match=message):
+            SO._check_finetuned("d", model, base.config, dict(record, encoding=encoding), patch)
+    SO._check_finetuned("d", model, base.config, dict(record, encoding=f"hope:{patch['context_length']}"), patch)
+    with pytest.raises(ValueError, match="loads unpatched"):
+        SO._check_finetuned("d", model, base.config, record, None)
+
+
+def test_finetuned_directory_that_loads_unpatched_is_a_user_error(tiny_finetuned, tmp_path):
+    import shutil
+    broken = tmp_path / "unpatched"
+    shutil.copytree(tiny_finetuned["hope"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": config["rope_parameters"]["rope_theta"]}
+    (broken / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, str(PAPERS / "systematic_outliers.py"), "--quick", "--finetuned",
+                           str(broken)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "loads unpatched" in proc.stderr, proc.stderr[-2000:]
+    (broken / "finetune.json").write_text("{not json")
+    proc = subprocess.run([sys.executable, str(PAPERS / "systematic_outliers.py"), "--quick", "--finetuned",
+                           str(broken)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot read" in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------ --quick runs
 @pytest.mark.parametrize("script,keys", [
     ("barbero_rope.py", {"activation", "model"}),

@@ -10,12 +10,14 @@ residual entries (token, dimension, value) over the median, which tokens and dim
 they come from (the MLP or the attention output of the layer where they first appear, and the down
 projection's weights into those dimensions), the attention the massive tokens receive, and their value
 norms. Then the same for the model patched to HoPE, p-RoPE or NoPE (posenc.patch, no fine-tune), with the
-text's loss; `--finetuned DIR` adds a model that `posenc finetune` wrote.
+text's loss; `--finetuned DIR [DIR ...]` adds models that `posenc finetune` wrote (run with the patch they
+were saved with).
 
-    python benchmarks/papers/systematic_outliers.py [--quick] [--json out.json] [--plot out.png]
+    python benchmarks/papers/systematic_outliers.py [--quick] [--json out.json] [--plot out.png] [--finetuned DIR ...]
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -165,6 +167,11 @@ def token_names(tokenizer, ids: torch.Tensor) -> list[list[str]]:
     return [tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
 
 
+def text_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token cross-entropy of logits [b, s, vocab] on ids [b, s]."""
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
+
+
 def capture_model(model, ids: torch.Tensor):
     """(records, mlp outputs, down projection weights, loss) for one forward of ids [b, s]."""
     from posenc.analysis import attention_layers, capture
@@ -182,7 +189,7 @@ def capture_model(model, ids: torch.Tensor):
     finally:
         for h in hooks:
             h.remove()
-    loss = float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
+    loss = text_loss(logits, ids)
     down = [getattr(getattr(layer, "mlp", None), "down_proj", None) for layer in decoder_layers]
     down = [d.weight.detach() if d is not None else None for d in down]
     return records, mlp_out, down, loss
@@ -211,31 +218,102 @@ def run_variants(model, ids, threshold: float, progress=None) -> list[dict]:
     return results
 
 
+def finetune_record(directory: str) -> dict | None:
+    """What finetune.json in directory says about the run (None without one): encoding, steps, sequence
+    length, global batch, lr, seed, dtype, the held-out loss before and after. ValueError if it cannot be
+    read."""
+    path = os.path.join(directory, "finetune.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(rec, dict) or not all(isinstance(rec.get(k, {}), dict) for k in ("args", "final")):
+        raise ValueError(f"{path} does not hold posenc finetune's record (a JSON object with args and final)")
+    a, final = rec.get("args", {}), rec.get("final", {})
+    return {"encoding": rec.get("encoding"), "command": rec.get("command"), "steps": a.get("steps"),
+            "seq_len": a.get("seq_len"), "global_batch": rec.get("global_batch"), "lr": rec.get("lr"),
+            "seed": a.get("seed"), "dtype": a.get("dtype"), "device": rec.get("device"),
+            "eval_loss_before": final.get("eval_loss_before"), "eval_loss": final.get("eval_loss")}
+
+
+def _check_finetuned(directory: str, model, base_config, record: dict | None, patch: dict | None) -> None:
+    """ValueError unless the fine-tuned model has the analysed model's shape (the same text must mean the same
+    tokens) and reloads with the encoding finetune.json names (else the analysis would run another one)."""
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    ours, theirs = ([getattr(c, k, None) for k in keys] for c in (base_config, model.config))
+    if ours != theirs:
+        raise ValueError(f"{directory} is not a fine-tune of the analysed model ({', '.join(keys)}: {theirs}, "
+                         f"analysed model: {ours})")
+    if record is None or record["encoding"] is None:
+        return
+    from posenc.specs import parse_spec
+    spec = parse_spec(record["encoding"])
+    if spec.name == "original":
+        ok, loads = patch is None, "loads patched"
+    else:
+        ok = patch is not None and patch["encoding"] == spec.name and all(
+            patch.get(k) == v for k, v in spec.options.items())
+        loads = "loads unpatched (the analysis would run RoPE)" if patch is None else f"loads with {patch}"
+    if not ok:
+        raise ValueError(f"{directory} was fine-tuned with {record['encoding']!r} but {loads}")
+
+
+def run_finetuned(directory: str, record: dict | None, base_config, ids, threshold: float) -> dict:
+    """The line-up of a model directory from posenc finetune, run with the patch it carries when reloaded
+    (checked against finetune.json's encoding: _check_finetuned), and the text's loss of the same weights
+    with the patch removed (loss_unpatched: what the patch does to this forward; None when unpatched)."""
+    import posenc
+    from posenc.analysis import load_model
+    from posenc.hf import current_patch
+    model, _, path = load_model(directory)
+    patch = current_patch(model)
+    _check_finetuned(directory, model, base_config, record, patch)
+    records, mlp_out, down, loss = capture_model(model, ids)
+    line = outlier_lineup(records, mlp_out, down, threshold)
+    unpatched = None
+    if patch is not None:
+        posenc.unpatch(model)
+        with torch.no_grad():
+            unpatched = text_loss(model(input_ids=ids, use_cache=False).logits, ids)
+    line.update(label=f"fine-tuned ({os.path.basename(os.path.normpath(directory))})", loss=loss, patch=patch,
+                loss_unpatched=unpatched, path=path, finetune=record)
+    return line
+
+
 # --------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = C.parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="default: smollm2 (--quick: tiny-llama)")
-    p.add_argument("--finetuned", metavar="DIR", help="also analyse this model directory (from posenc finetune)")
+    p.add_argument("--finetuned", metavar="DIR", nargs="+", action="extend", default=[],
+                   help="also analyse these model directories (written by posenc finetune)")
     p.add_argument("--threshold", type=float, default=100.0, help="massive = |h| >= this x the median (100)")
     args = C.parse(p, argv)
-    if args.finetuned and not os.path.isfile(os.path.join(args.finetuned, "config.json")):
-        p.error(f"--finetuned: {args.finetuned} has no config.json (give the directory posenc finetune wrote)")
+    finetuned = []
+    for d in args.finetuned:
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            p.error(f"--finetuned: {d} has no config.json (give the directory posenc finetune wrote)")
+        try:
+            finetuned.append((d, finetune_record(d)))
+        except ValueError as e:
+            p.error(f"--finetuned: {e}")
     from posenc.analysis import load_model
     spec = args.model or ("tiny-llama" if args.quick else "smollm2")
     n_tokens = 48 if args.quick else 160
-    bar = C.Progress(len(VARIANTS) + 1 + bool(args.finetuned), "systematic_outliers")
+    bar = C.Progress(len(VARIANTS) + 1 + len(args.finetuned), "systematic_outliers")
     model, tok, name = load_model(spec)
     ids, text = C.real_model_inputs(tok, model.config.vocab_size, n_tokens)
     bar.step(note="loaded")
     results = run_variants(model, ids, args.threshold, bar)
-    if args.finetuned:
-        ft, _, ft_name = load_model(args.finetuned)
-        records, mlp_out, down, loss = capture_model(ft, ids)
-        line = outlier_lineup(records, mlp_out, down, args.threshold)
-        line.update(label=f"fine-tuned ({os.path.basename(os.path.normpath(args.finetuned))})", loss=loss,
-                    patch=None, path=ft_name)
-        results.append(line)
-        bar.step()
+    for d, record in finetuned:
+        try:
+            results.append(run_finetuned(d, record, model.config, ids, args.threshold))
+        except ValueError as e:
+            bar.close()
+            p.error(f"--finetuned: {e}")
+        bar.step(note=os.path.basename(os.path.normpath(d)))
     bar.close()
     print(f"{name}: {text['tokens_per_row']} tokens x 2 rows ({', '.join(text['rows'])}); massive: |h| >= "
           f"{args.threshold:g} x median")
@@ -262,15 +340,22 @@ def main(argv=None) -> int:
     print(C.table(["layer", "max/median", "(row,tok,dim)", "value", "attn on massive tok", "attn on tok 0",
                    "heads > 0.5", "|v| massive/median", "top key massive"], rows))
     print(f"(uniform causal attention would put {base['uniform_share_first_token']:.3f} on the first token)")
-    print("\nunder posenc.patch (no fine-tune):")
+    print("\nunder posenc.patch (no fine-tune), and the fine-tuned models (held-out loss: posenc finetune's, "
+          "before -> after):")
     rows = []
     for r in results:
         s = r.get("summary", {})
         top = max(r["per_layer"], key=lambda e: e["ratio"])
-        rows.append([r["label"], r["loss"], f"{top['ratio']:.0f}", str(r["onset_layer"]), str(r["dims"][:4]),
+        ft = r.get("finetune")
+        held = (f"{ft['eval_loss_before']:.3f} -> {ft['eval_loss']:.3f}" if ft and ft["eval_loss_before"] is not None
+                and ft["eval_loss"] is not None else "-")
+        rows.append([r["label"], r["loss"], held, f"{top['ratio']:.0f}", str(r["onset_layer"]), str(r["dims"][:4]),
                      s.get("attention_on_massive_after", float("nan")), s.get("value_ratio_massive_after", float("nan")),
                      s.get("most_attended_is_massive_after", float("nan"))])
-    print(C.table(["model", "loss", "max/median", "onset layer", "dims", "attn on massive (after)",
+    for r in results[len(VARIANTS):]:
+        removed = f" ({r['loss_unpatched']:.3f} with the patch removed)" if r["loss_unpatched"] is not None else ""
+        print(f"{r['label']}: reloaded with patch {r['patch']}; the text's loss {r['loss']:.3f}{removed}")
+    print(C.table(["model", "loss", "held-out loss", "max/median", "onset layer", "dims", "attn on massive (after)",
                    "|v| massive/median", "top key massive (share of layers)"], rows))
     out = {"settings": {"model": spec, "threshold": args.threshold, "quick": args.quick, "tokens": n_tokens},
            "model": name, "text": text, "token_strings": names, "results": results}
@@ -286,11 +371,10 @@ def plot(out: dict, path: str) -> None:
     fig, ax = plt.subplots(1, 3, figsize=(16, 4))
     for i, r in enumerate(out["results"]):
         layers = [e["layer"] for e in r["per_layer"]]
-        ax[0].plot(layers, [e["ratio"] for e in r["per_layer"]], marker=".", color=f"C{i}", label=r["label"])
-        ax[1].plot(layers, [a["attention_on_massive"] for a in r["attention"]], marker=".", color=f"C{i}",
-                   label=r["label"])
-        ax[2].plot(layers, [a["value_ratio_massive"] for a in r["attention"]], marker=".", color=f"C{i}",
-                   label=r["label"])
+        style = dict(marker=".", color=f"C{i % 10}", label=r["label"], ls="--" if "finetune" in r else "-")
+        ax[0].plot(layers, [e["ratio"] for e in r["per_layer"]], **style)
+        ax[1].plot(layers, [a["attention_on_massive"] for a in r["attention"]], **style)
+        ax[2].plot(layers, [a["value_ratio_massive"] for a in r["attention"]], **style)
     ax[0].axhline(out["settings"]["threshold"], color="gray", ls=":", lw=1)
     ax[0].set(yscale="log", xlabel="layer", ylabel="max |h| / median |h|", title="massive activations")
     ax[1].set(xlabel="layer", ylabel="attention on the massive tokens", title="attention sinks", ylim=(0, 1))
