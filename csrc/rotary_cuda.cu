@@ -185,38 +185,53 @@ struct LaunchShape {
   FastDiv by_units_per_head, by_heads_per_block, by_n_stride, by_partial_pieces;
 };
 
-// V: channels per unit access (16 bytes worth on the fast path, 1 otherwise). kPartial: in place with a
-// partial last chunk per head. kPipe: each thread's next unit is loaded before the current unit's work.
-// kSeqMajor: tokens in (seq, batch) order, cos/sin rows per position. Each is its own instantiation: as
-// runtime switches they cost the other kernels time even when off.
+// One block's work, as the file's header comment describes it: the kernel below runs phase 0, phase 1 and
+// phase 2 of it in turn. V: channels per unit access (16 bytes worth on the fast path, 1 otherwise).
+// kPartial: in place with a partial last chunk per head. kPipe: each thread's next unit is loaded before the
+// current unit's work. kSeqMajor: tokens in (seq, batch) order, cos/sin rows per position. Each is its own
+// instantiation: as runtime switches they cost the other kernels time even when off.
 template <typename T, int V, bool kInter, bool kPartial, bool kPipe, bool kSeqMajor>
-__global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, const LaunchShape L) {
+struct RotaryBlock {
   using Acc = at::opmath_type<T>;
-  constexpr bool kUnit = V > 1;
+  static constexpr bool kUnit = V > 1;
   static_assert(!(kPipe && (kPartial || !kUnit)), "the pipeline is for whole units on the fast path");
   static_assert(!(kSeqMajor && (kPipe || kPartial || !kUnit)), "seq-major blocks only for whole units");
   // A half-split unit spans W pairs; an interleaved one W channels (W/2 pairs).
-  constexpr int W = kUnit ? V : (kInter ? 2 : 1);
-  extern __shared__ __align__(16) unsigned char smem[];
-  int64_t* offs = reinterpret_cast<int64_t*>(smem);  // [T][4]: q_in, k_in, q_out, k_out row offsets
-  int64_t* pos_s = offs + 4 * L.tokens_per_block;     // [T] positions (room for an even count: alignment)
-  Acc* cos_s = reinterpret_cast<Acc*>(pos_s + (L.tokens_per_block + 1) / 2 * 2);  // [cos_rows][n_stride]
-  Acc* sin_s = cos_s + L.cos_rows * L.n_stride;
-  int* row_s = reinterpret_cast<int*>(sin_s + L.cos_rows * L.n_stride);  // [T] seq_major: a token's cos/sin row
+  static constexpr int W = kUnit ? V : (kInter ? 2 : 1);
+  using Chunk = Vec<T, W>;
 
-  const int64_t tok0 = static_cast<int64_t>(blockIdx.x) * L.tokens_per_block;
-  const int T_here = static_cast<int>(min(static_cast<int64_t>(L.tokens_per_block), L.tokens - tok0));
-  const int n = p.rotated_pairs;
-  const int hq = static_cast<int>(p.q_in.heads);
-  const int h_total = hq + static_cast<int>(p.k_in.heads);
-  const int h_begin = blockIdx.y * L.heads_per_block;
-  const int h_count = min(L.heads_per_block, h_total - h_begin);
-  const int uph = L.units_per_head;
-  const int whole = T_here * h_count * uph;
-  const int units = whole + (kPartial ? T_here * h_count * L.partial_pieces : 0);
-  const int half = p.rotary_dim / 2;
+  const RotaryParams& p;
+  const LaunchShape& L;
+  int64_t* offs;   // [T][4]: q_in, k_in, q_out, k_out row offsets
+  int64_t* pos_s;  // [T] positions (room for an even count: alignment)
+  Acc* cos_s;      // [cos_rows][n_stride]
+  Acc* sin_s;
+  int* row_s;  // [T] seq_major: a token's cos/sin row
+  int64_t tok0;
+  int T_here, n, hq, h_begin, h_count, uph, whole, units, half;
+
+  __device__ __forceinline__ RotaryBlock(const RotaryParams& p_, const LaunchShape& L_, unsigned char* smem)
+      : p(p_), L(L_) {
+    offs = reinterpret_cast<int64_t*>(smem);
+    pos_s = offs + 4 * L.tokens_per_block;
+    cos_s = reinterpret_cast<Acc*>(pos_s + (L.tokens_per_block + 1) / 2 * 2);
+    sin_s = cos_s + L.cos_rows * L.n_stride;
+    row_s = reinterpret_cast<int*>(sin_s + L.cos_rows * L.n_stride);
+    tok0 = static_cast<int64_t>(blockIdx.x) * L.tokens_per_block;
+    T_here = static_cast<int>(min(static_cast<int64_t>(L.tokens_per_block), L.tokens - tok0));
+    n = p.rotated_pairs;
+    hq = static_cast<int>(p.q_in.heads);
+    const int h_total = hq + static_cast<int>(p.k_in.heads);
+    h_begin = blockIdx.y * L.heads_per_block;
+    h_count = min(L.heads_per_block, h_total - h_begin);
+    uph = L.units_per_head;
+    whole = T_here * h_count * uph;
+    units = whole + (kPartial ? T_here * h_count * L.partial_pieces : 0);
+    half = p.rotary_dim / 2;
+  }
+
   // (batch, seq) of a token; 32-bit division when the token count allows it (nearly always)
-  const auto split = [&](int64_t tok, int64_t& b, int64_t& s) {
+  __device__ __forceinline__ void split(int64_t tok, int64_t& b, int64_t& s) const {
     const int64_t inner = kSeqMajor ? p.batch : p.seqlen;
     int64_t outer;
     if (L.tokens <= INT32_MAX) {
@@ -231,117 +246,121 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
       b = outer;
       s = tok - outer * inner;
     }
-  };
+  }
+  // Whether unit u is a whole unit within rotary_dim, the kind that phase 0 and the pipeline load early
+  __device__ __forceinline__ bool early(int u) const {
+    return u < whole && u - L.by_units_per_head(u) * uph < L.rot_units;
+  }
   // A whole unit u of the block: its chunk, token (in the block) and head (q heads, then k heads)
-  const auto locate = [&](int u, int& chunk, int& t, int& head) {
+  __device__ __forceinline__ void locate(int u, int& chunk, int& t, int& head) const {
     const int r = L.by_units_per_head(u);
     chunk = u - r * uph;
     t = L.by_heads_per_block(r);  // r / h_count: the two differ only where blocks hold one token (t = 0)
     head = h_begin + (r - t * h_count);
-  };
+  }
   // The input row of a head of the block's token t (its row offsets are in shared memory after phase 1)
-  const auto in_row = [&](int t, int head) -> const T* {
+  __device__ __forceinline__ const T* in_row(int t, int head) const {
     const bool is_q = head < hq;
     return static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) + offs[4 * t + (is_q ? 0 : 1)] +
            (is_q ? head : head - hq) * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
-  };
+  }
+  // The two vectors of whole unit `chunk` of a row (one when interleaved)
+  __device__ __forceinline__ void load_unit(const T* in, int chunk, Chunk& a, Chunk& b) const {
+    a = load<W, true>(in, chunk * W, 1);
+    if constexpr (!kInter) b = load<W, true>(in, chunk * W + half, 1);
+  }
 
   // ---- 0. the thread's first unit, when it is a whole unit within rotary_dim (fast path): loaded now, so
-  // that the latency of these loads overlaps phase 1 instead of following it
-  Vec<T, W> pa, pb;
-  bool pre = false;
-  if constexpr (kUnit) {
-    const int u = threadIdx.x;
-    if (L.prefetch && u < whole && u - L.by_units_per_head(u) * uph < L.rot_units) {
-      int chunk, t, head;
-      locate(u, chunk, t, head);
-      const bool is_q = head < hq;
-      int64_t b, sq;
-      split(tok0 + t, b, sq);
-      const T* in = static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) +
-                    b * (is_q ? p.q_in.stride[0] : p.k_in.stride[0]) +
-                    sq * (is_q ? p.q_in.stride[1] : p.k_in.stride[1]) +
-                    (is_q ? head : head - hq) * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
-      pa = load<W, true>(in, chunk * W, 1);
-      if constexpr (!kInter) pb = load<W, true>(in, chunk * W + half, 1);
-      pre = true;
+  // that the latency of these loads overlaps phase 1 instead of following it. Its row offset is not in shared
+  // memory yet, hence computed here. Returns whether it loaded.
+  __device__ __forceinline__ bool load_first_unit(Chunk& a, Chunk& b) const {
+    if constexpr (kUnit) {
+      const int u = threadIdx.x;
+      if (L.prefetch && early(u)) {
+        int chunk, t, head;
+        locate(u, chunk, t, head);
+        const bool is_q = head < hq;
+        int64_t bt, sq;
+        split(tok0 + t, bt, sq);
+        const T* in = static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) +
+                      bt * (is_q ? p.q_in.stride[0] : p.k_in.stride[0]) +
+                      sq * (is_q ? p.q_in.stride[1] : p.k_in.stride[1]) +
+                      (is_q ? head : head - hq) * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
+        load_unit(in, chunk, a, b);
+        return true;
+      }
     }
+    return false;
   }
 
-  // ---- 1. per-token positions and row offsets, then cos/sin, once per block. The positions go through
-  // shared memory so that each is loaded from global memory once, by one thread, all in parallel (loading
-  // it for every cos/sin element put several global-memory latencies in a row before the barrier).
-  // The frequency of the thread's first cos/sin element, loaded now rather than after the positions' barrier
-  // (its latency was then on the way to the first rotation).
-  int w_pair = -1;
-  double w = 0;
-  if (p.inv_freq != nullptr && static_cast<int>(threadIdx.x) < L.n_stride * L.cos_rows) {
-    const int i = threadIdx.x - L.by_n_stride(threadIdx.x) * L.n_stride;
-    if (i < n) {
-      w = p.inv_freq[i];
-      w_pair = i;
+  // ---- 1. per-token positions and row offsets, then cos/sin, once per block (two steps, a barrier after
+  // each). The positions go through shared memory so that each is loaded from global memory once, by one
+  // thread, all in parallel (loading it for every cos/sin element put several global-memory latencies in a
+  // row before the barrier).
+  // The frequency of the thread's first cos/sin element, loaded before the positions rather than after their
+  // barrier (its latency was then on the way to the first rotation); pair -1: none.
+  struct Frequency {
+    int pair = -1;
+    double w = 0;
+  };
+  __device__ __forceinline__ Frequency first_frequency() const {
+    Frequency f;
+    if (p.inv_freq != nullptr && static_cast<int>(threadIdx.x) < L.n_stride * L.cos_rows) {
+      const int i = threadIdx.x - L.by_n_stride(threadIdx.x) * L.n_stride;
+      if (i < n) {
+        f.w = p.inv_freq[i];
+        f.pair = i;
+      }
     }
+    return f;
   }
   // seq_major: the block's first position, row 0 of its cos/sin
-  const int64_t s_first = kSeqMajor ? tok0 / p.batch : 0;
-  for (int t = threadIdx.x; t < T_here; t += blockDim.x) {
-    int64_t b, s;
-    split(tok0 + t, b, s);
-    if constexpr (!kSeqMajor) {
-      pos_s[t] = p.positions[b * p.pos_stride[0] + s * p.pos_stride[1]];
-    } else {
-      row_s[t] = static_cast<int>(s - s_first);
-      if (t == 0 || b == 0) pos_s[s - s_first] = p.positions[s * p.pos_stride[1]];
-    }
-    offs[4 * t + 0] = b * p.q_in.stride[0] + s * p.q_in.stride[1];
-    offs[4 * t + 1] = b * p.k_in.stride[0] + s * p.k_in.stride[1];
-    offs[4 * t + 2] = b * p.q_out.stride[0] + s * p.q_out.stride[1];
-    offs[4 * t + 3] = b * p.k_out.stride[0] + s * p.k_out.stride[1];
-  }
-  __syncthreads();
-  const int rows = kSeqMajor ? static_cast<int>((tok0 + T_here - 1) / p.batch - s_first + 1) : T_here;
-  for (int idx = threadIdx.x; idx < rows * L.n_stride; idx += blockDim.x) {
-    const int t = L.by_n_stride(idx), i = idx - t * L.n_stride;
-    Acc c = 1, s = 0;  // padding: never used for output, initialised all the same
-    if (i < n) {
-      const int64_t pos = pos_s[t];
-      if (p.inv_freq != nullptr) {
-        if (i != w_pair) {
-          w = p.inv_freq[i];
-          w_pair = i;
-        }
-        angle_cos_sin(p, pos, w, c, s);
-      } else if (pos < 0 || pos >= p.table_rows) {
-        c = s = std::numeric_limits<Acc>::quiet_NaN();  // never read outside the table
+  __device__ __forceinline__ int64_t first_position() const { return kSeqMajor ? tok0 / p.batch : 0; }
+  __device__ __forceinline__ void stage_tokens() const {
+    const int64_t s_first = first_position();
+    for (int t = threadIdx.x; t < T_here; t += blockDim.x) {
+      int64_t b, s;
+      split(tok0 + t, b, s);
+      if constexpr (!kSeqMajor) {
+        pos_s[t] = p.positions[b * p.pos_stride[0] + s * p.pos_stride[1]];
       } else {
-        pair_cos_sin(p, pos, i, c, s);
+        row_s[t] = static_cast<int>(s - s_first);
+        if (t == 0 || b == 0) pos_s[s - s_first] = p.positions[s * p.pos_stride[1]];
       }
+      offs[4 * t + 0] = b * p.q_in.stride[0] + s * p.q_in.stride[1];
+      offs[4 * t + 1] = b * p.k_in.stride[0] + s * p.k_in.stride[1];
+      offs[4 * t + 2] = b * p.q_out.stride[0] + s * p.q_out.stride[1];
+      offs[4 * t + 3] = b * p.k_out.stride[0] + s * p.k_out.stride[1];
     }
-    cos_s[idx] = c;
-    sin_s[idx] = s;
   }
-  __syncthreads();
-
-  // ---- 2. rotate (or copy) every unit of the block's tokens x heads; whole units first, the partial pieces
-  // (in place only) after them, so that warps stay on one path
-  for (int u = threadIdx.x; u < units; u += blockDim.x) {
-    // The thread's first unit was loaded in phase 0; with kPipe, each next unit is loaded here, before this
-    // unit's work, into na/nb.
-    const bool have = pre;
-    pre = false;
-    Vec<T, W> na, nb;
-    if constexpr (kPipe) {
-      const int un = u + blockDim.x;
-      if (un < whole && un - L.by_units_per_head(un) * uph < L.rot_units) {
-        int c2, t2, head2;
-        locate(un, c2, t2, head2);
-        const T* in2 = in_row(t2, head2);
-        na = load<W, true>(in2, c2 * W, 1);
-        if constexpr (!kInter) nb = load<W, true>(in2, c2 * W + half, 1);
-        pre = true;
+  __device__ __forceinline__ void stage_cos_sin(Frequency f) const {
+    const int rows =
+        kSeqMajor ? static_cast<int>((tok0 + T_here - 1) / p.batch - first_position() + 1) : T_here;
+    for (int idx = threadIdx.x; idx < rows * L.n_stride; idx += blockDim.x) {
+      const int t = L.by_n_stride(idx), i = idx - t * L.n_stride;
+      Acc c = 1, s = 0;  // padding: never used for output, initialised all the same
+      if (i < n) {
+        const int64_t pos = pos_s[t];
+        if (p.inv_freq != nullptr) {
+          if (i != f.pair) {
+            f.w = p.inv_freq[i];
+            f.pair = i;
+          }
+          angle_cos_sin(p, pos, f.w, c, s);
+        } else if (pos < 0 || pos >= p.table_rows) {
+          c = s = std::numeric_limits<Acc>::quiet_NaN();  // never read outside the table
+        } else {
+          pair_cos_sin(p, pos, i, c, s);
+        }
       }
+      cos_s[idx] = c;
+      sin_s[idx] = s;
     }
+  }
 
+  // ---- 2. rotate (or copy) unit u of the block's tokens x heads; whole units come first, the partial pieces
+  // (in place only) after them, so that warps stay on one path. have: the unit's vectors are pa/pb already.
+  __device__ __forceinline__ void rotate_unit(int u, bool have, const Chunk& pa, const Chunk& pb) const {
     int chunk, r, piece = 0;
     if (u < whole) {
       r = L.by_units_per_head(u);
@@ -369,7 +388,7 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
         int off;
         const int w = piece_of<V>(L.partial_rem, piece, off);
         rotate_piece<V / 2, kInter>(out, chunk * W + off, half, cs, sn, w);
-        continue;
+        return;
       }
     }
     if (chunk < L.rot_units) {
@@ -396,6 +415,40 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
       const int ch = p.rotary_dim + (chunk - L.rot_units) * W;
       store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
     }
+  }
+};
+
+template <typename T, int V, bool kInter, bool kPartial, bool kPipe, bool kSeqMajor>
+__global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, const LaunchShape L) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  using Block = RotaryBlock<T, V, kInter, kPartial, kPipe, kSeqMajor>;
+  using Chunk = typename Block::Chunk;
+  const Block blk(p, L, smem);
+
+  Chunk pa, pb;  // the vectors of the thread's next unit, when `pre`
+  bool pre = blk.load_first_unit(pa, pb);  // phase 0
+
+  const typename Block::Frequency f = blk.first_frequency();  // phase 1
+  blk.stage_tokens();
+  __syncthreads();
+  blk.stage_cos_sin(f);
+  __syncthreads();
+
+  for (int u = threadIdx.x; u < blk.units; u += blockDim.x) {  // phase 2
+    // With kPipe, the thread's next unit is loaded before this unit's work, into na/nb.
+    const bool have = pre;
+    pre = false;
+    Chunk na, nb;
+    if constexpr (kPipe) {
+      const int un = u + blockDim.x;
+      if (blk.early(un)) {
+        int c2, t2, head2;
+        blk.locate(un, c2, t2, head2);
+        blk.load_unit(blk.in_row(t2, head2), c2, na, nb);
+        pre = true;
+      }
+    }
+    blk.rotate_unit(u, have, pa, pb);
     if constexpr (kPipe) {
       pa = na;
       pb = nb;
