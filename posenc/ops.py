@@ -596,8 +596,8 @@ def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, sca
                                  f"got {tuple(cos.shape)}")
             tables = (_table_half("cos", cos, rotary_dim, interleaved),
                       _table_half("sin", sin, rotary_dim, interleaved))
-            if not _tracing() and positions.numel():
-                lo, hi = int(positions.min()), int(positions.max())
+            if not _tracing() and positions.numel() and positions.device.type != "meta":  # meta: no values
+                lo, hi = torch.stack(torch.aminmax(positions)).tolist()  # one host sync on CUDA, not two
                 if lo < 0 or hi >= cos.shape[0]:
                     raise ValueError(f"positions must lie in [0, {cos.shape[0]}) (the rows of cos/sin), "
                                      f"got values in [{lo}, {hi}]")

@@ -247,6 +247,17 @@ def test_built_under_meta_device_has_real_frequencies(kind):
     assert enc.rotated_pairs == cpu.rotated_pairs and torch.equal(enc.inv_freq, cpu.inv_freq)
 
 
+def test_apply_rotary_on_meta_in_every_table_form():
+    """Meta tensors carry shapes, not values: tables with positions (whose range check reads values) and per-token
+    tables give meta outputs of the right shapes, as inv_freq does."""
+    meta = lambda *shape: torch.empty(*shape, device="meta")
+    q, k = meta(2, 5, 4, 16), meta(2, 5, 1, 16)
+    positions = torch.empty(2, 5, dtype=torch.long, device="meta")
+    for args in ((meta(32, 8), meta(32, 8), positions), (meta(2, 5, 16), meta(2, 5, 16))):
+        qo, ko = posenc.apply_rotary(q, k, *args)
+        assert qo.device.type == ko.device.type == "meta" and qo.shape == q.shape and ko.shape == k.shape
+
+
 @pytest.mark.parametrize("scaling", [None, {"rope_type": "dynamic", "factor": 2.0, "max_position_embeddings": 8}])
 def test_apply_on_meta_does_not_poison_later_calls(scaling):
     """Regression: one apply on meta tensors moved the buffers to meta for good, and later CPU calls failed."""
