@@ -618,14 +618,15 @@ def apply_rotary(q, k, cos=None, sin=None, positions=None, *, inv_freq=None, sca
     args = (*tables, inv_freq, positions, float(scale), rotary_dim, rotated_pairs, bool(interleaved),
             bool(inverse))
     if inplace:
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and torch.compiler.is_compiling():
+        records_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        if records_grad and torch.compiler.is_compiling():
             # Traced, the write of k through a detached alias (the two nodes below) is not always seen: torch
             # 2.11's AOT autograd gave wrong gradients on views of one buffer. Rotating out of place and copying
             # back is what functionalization turns an in-place op into anyway, and autograd knows copy_ on views.
             q_out, k_out = torch.ops.posenc.rotary(q4, k4, *args)
             q4.copy_(q_out)
             k4.copy_(k_out)
-        elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        elif records_grad:
             _RotaryInplace.apply(q4, k4.detach(), *args)
             _RotatedInplace.apply(k4, *args)
         else:

@@ -116,9 +116,10 @@ def load():
             return f.read()
 
     src = emulated_source(read(CSRC, "rotary_cuda.cu"))
+    # every file the build reads (ops.cpp and all of csrc's headers, whichever the sources include)
+    headers = sorted(name for name in os.listdir(CSRC) if name.endswith(".h"))
     key = hashlib.sha256("\n".join([src, read(HERE, "cuda_emulator.h"), read(CSRC, "ops.cpp"),
-                                    read(CSRC, "rotary.h"), read(CSRC, "rotary_op.h"),
-                                    read(CSRC, "launch_plan.h"), torch.__version__])
+                                    *(read(CSRC, name) for name in headers), torch.__version__])
                          .encode()).hexdigest()[:16]
     build = os.path.join(tempfile.gettempdir(), f"posenc_cuda_emulator_{key}")
     os.makedirs(build, exist_ok=True)
