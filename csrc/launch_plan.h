@@ -55,16 +55,15 @@ struct PlanInput {
   int arithmetic_bytes;   // of the arithmetic type, in which cos/sin sit in shared memory: 4 (8 for float64)
 };
 
-// Which instantiation of the kernel runs (rotary_kernel's kPartial / kPipe / kSeqMajor), or none.
-enum class KernelKind { kNone, kPlain, kPartial, kPipelined, kSeqMajor };
+// Which instantiation of the kernel runs (rotary_kernel's kPipe / kSeqMajor), or none.
+enum class KernelKind { kNone, kPlain, kPipelined, kSeqMajor };
 
 struct LaunchPlan {
   KernelKind kernel = KernelKind::kNone;  // kNone: nothing to touch, no launch
   int vector = 1;  // V: channels per access, 16 bytes' worth on the fast path, 1 otherwise
   // the kernel's LaunchShape (rotary_cuda.cu, where each field is described), less its divisors
   int64_t tokens = 0;
-  int tokens_per_block = 0, heads_per_block = 0, units_per_head = 0, rot_units = 0, partial_rem = 0,
-      partial_pieces = 0, n_stride = 0, cos_rows = 0;
+  int tokens_per_block = 0, heads_per_block = 0, units_per_head = 0, rot_units = 0, n_stride = 0, cos_rows = 0;
   bool seq_major = false, prefetch = false, pipeline = false;
   int threads = 0;          // per block
   int64_t token_blocks = 0;  // grid.x: blocks over the tokens
@@ -94,12 +93,6 @@ inline int plan_vector(const PlanInput& in) {
   return vec ? v : 1;
 }
 
-inline int set_bits(int x) {
-  int n = 0;
-  for (; x != 0; x &= x - 1) ++n;
-  return n;
-}
-
 // The launch for the input on the device.
 inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
   LaunchPlan L;
@@ -114,10 +107,12 @@ inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
   const int D = static_cast<int>(in.head_dim);
 
   L.tokens = in.batch * in.seqlen;
-  if (in.inplace) {  // only the chunks holding rotated pairs; a partial last chunk separately
+  if (in.inplace) {
+    // Only the units holding rotated pairs. The last may hold pairs that do not rotate too: they are read and
+    // written back unchanged, whole vectors being faster than the rotating part in narrower pieces (measured:
+    // docs/benchmarks.md). They are channels of the same head row, so elements of the same tensor.
     const int rotated = inter ? 2 * n : n;  // channels (interleaved) or pairs (half-split)
-    L.rot_units = L.units_per_head = rotated / W;
-    L.partial_rem = rotated % W;
+    L.rot_units = L.units_per_head = (rotated + W - 1) / W;
   } else if (inter) {
     L.rot_units = L.units_per_head = D / W;
   } else {
@@ -125,17 +120,16 @@ inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
     L.units_per_head = L.rot_units + (D - 2 * half) / W;
   }
   const int h_total = static_cast<int>(in.q_in.heads + in.k_in.heads);
-  L.partial_pieces = set_bits(L.partial_rem);
-  const int per_head = L.units_per_head + L.partial_pieces;
+  const int per_head = L.units_per_head;  // units
   if (per_head == 0 || h_total == 0 || L.tokens == 0) return L;  // nothing to touch
   L.n_stride = (n + pairs_per_unit - 1) / pairs_per_unit * pairs_per_unit;
 
   // Out of place with channels that only copy, a thread mostly waits for loads: its next unit's loads are kept
-  // in flight too (not when every unit rotates, where that is slower). In place only where a head's rotating
-  // chunks are whole and cos/sin elements are few per unit (otherwise their computation dominates).
+  // in flight too (not when every unit rotates, where that is slower). In place only where cos/sin
+  // elements are few per unit (otherwise their computation dominates).
   const int64_t per_token = static_cast<int64_t>(h_total) * per_head;
   const bool pipelined = unit && (!in.inplace ? (inter ? 2 * n < D : n < half || 2 * half < D)
-                                              : L.partial_rem == 0 && (inter ? 2 * n < in.rotary_dim : n < half) &&
+                                              : (inter ? 2 * n < in.rotary_dim : n < half) &&
                                                     4 * L.n_stride < per_token);
   // Aim for >= 4 blocks per multiprocessor when the problem allows it, but >= 64 units per block (fewer leave
   // latency unhidden when decoding), and up to `units_per_thread` units per thread: in place always 4, the
@@ -166,7 +160,7 @@ inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
   // blocks take tokens in (seq, batch) order, so that the batch rows of one position share its cos/sin, and a
   // whole number of positions when they hold at least one. Where cos/sin are a small share, the four streams
   // of rows at once (instead of one) cost more than the cos/sin saved.
-  L.seq_major = unit && !L.pipeline && L.partial_rem == 0 && in.shared_positions && in.batch > 1 &&
+  L.seq_major = unit && !L.pipeline && in.shared_positions && in.batch > 1 &&
                 L.tokens_per_block > 1 && 4 * L.n_stride >= per_token;
   if (L.seq_major && L.tokens_per_block >= in.batch) {
     const int64_t rounded = (L.tokens_per_block + in.batch / 2) / in.batch * in.batch;
@@ -183,10 +177,7 @@ inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
   // offsets [T][4] and cos/sin rows (int64, Acc), positions [T rounded up to even] (int64), row indices [T] (int)
   L.shared_bytes = L.tokens_per_block * (4 * sizeof(int64_t) + sizeof(int)) +
                    (L.tokens_per_block + 1) / 2 * 2 * sizeof(int64_t) + 2 * acc * L.cos_rows * L.n_stride;
-  L.kernel = L.partial_rem != 0 ? KernelKind::kPartial
-             : L.pipeline       ? KernelKind::kPipelined
-             : L.seq_major      ? KernelKind::kSeqMajor
-                                : KernelKind::kPlain;
+  L.kernel = L.pipeline ? KernelKind::kPipelined : L.seq_major ? KernelKind::kSeqMajor : KernelKind::kPlain;
   return L;
 }
 

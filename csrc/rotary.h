@@ -5,7 +5,8 @@
 // first `rotary_dim` channels of every q and k head:
 //   (x1, x2) -> (x1*c - x2*s, x2*c + x1*s), with c = scale*cos(m*w_i), s = scale*sin(m*w_i)
 // (s negated when `inverse`: the backward map, since a rotation's transpose is the opposite rotation). Pair i is (x[i], x[i + rotary_dim/2]) half-split, or
-// (x[2i], x[2i+1]) interleaved. Out of place, every other channel is copied; in place it is not touched.
+// (x[2i], x[2i+1]) interleaved. Out of place, every other channel is copied; in place it keeps its value (a
+// kernel may read and write back unchanged those in a 16-byte block with rotating ones, never others).
 #pragma once
 #include <cmath>
 #include <cstdint>

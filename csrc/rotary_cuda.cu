@@ -14,9 +14,8 @@
 //     channel stride, 16-byte aligned rows) a half-split unit is V consecutive pairs — one vector of the first
 //     half and the matching vector of the second half — and an interleaved unit is one vector (V/2 pairs).
 //     Without it (any strides, odd offsets), a unit is one pair read with its channel stride.
-// In place, only the units holding rotated pairs are visited, and a chunk that straddles the last rotated
-// pair is split into aligned power-of-two pieces, each its own unit, so channels that do not rotate are
-// neither read nor written. Out of place, the other units copy (vectorised too).
+// In place, only the units holding rotated pairs are visited; the pairs of the last one that do not rotate are
+// written back unchanged. Out of place, the other units copy (vectorised too).
 //
 // Table mode with a position outside the table produces NaN instead of reading out of bounds (the Python
 // entry point rejects such positions before the call, except under torch.compile / CUDA-graph capture).
@@ -113,40 +112,6 @@ __device__ __forceinline__ void rotate_inter(const T* in, int64_t ics, T* out, i
   store<W, kUnit>(out, ch, ocs, o);
 }
 
-// In place, the chunk holding the last rotated pairs: its first `rem` pairs (half-split) or channels
-// (interleaved) are split into aligned power-of-two pieces, largest first, so that channels which do not
-// rotate are neither read nor written. Piece j of a row is its own unit: the pieces of one row go to
-// neighbouring lanes, whose accesses then share cache lines (unlike one lane per row moving every piece).
-// Returns the piece's width, in pairs or channels, and sets its offset.
-template <int V>
-__device__ __forceinline__ int piece_of(int rem, int j, int& off) {
-  off = 0;
-#pragma unroll
-  for (int w = V / 2; w >= 1; w /= 2) {
-    if (rem & w) {
-      if (j-- == 0) return w;
-      off += w;
-    }
-  }
-  return 0;
-}
-
-// w (runtime) -> the rotation of one piece of width w <= Wd (pairs half-split, channels interleaved).
-template <int Wd, bool kInter, typename T, typename Acc>
-__device__ __forceinline__ void rotate_piece(T* row, int ch, int h, const Acc* cs, const Acc* sn, int w) {
-  if constexpr (Wd >= (kInter ? 2 : 1)) {
-    if (w == Wd) {
-      if constexpr (kInter) {
-        rotate_inter<Wd, true>(row, 1, row, 1, ch, cs, sn, Wd / 2, false, Vec<T, Wd>{});
-      } else {
-        rotate_half<Wd, true>(row, 1, row, 1, ch, h, cs, sn, Wd, false, Vec<T, Wd>{}, Vec<T, Wd>{});
-      }
-    } else {
-      rotate_piece<Wd / 2, kInter>(row, ch, h, cs, sn, w);
-    }
-  }
-}
-
 // n / d for 0 <= n < 2^31 by a multiply-high and a shift, d fixed per launch (Granlund-Montgomery, as in
 // CUTLASS's FastDivmod): a division by a runtime int is a ~20-instruction sequence, and the unit loop, two
 // per unit, is bound by instruction issue.
@@ -171,31 +136,27 @@ struct LaunchShape {
   int64_t tokens;      // batch * seq
   int tokens_per_block;
   int heads_per_block;  // over q heads then k heads
-  int units_per_head;   // whole units per head (in place: the chunks whose pairs all rotate)
+  int units_per_head;   // units per head (in place: those holding rotated pairs)
   int rot_units;        // of which hold rotary pairs (half-split out of place: the rest are tail copies)
-  int partial_rem;      // in place: rotated pairs (half-split) or channels (interleaved) in the last,
-                        // partial chunk of each head (0: none); these chunks come after all whole units
-  int partial_pieces;   // power-of-two pieces of that chunk (the set bits of partial_rem), one unit each
   int n_stride;         // cos/sin row length in shared memory (rotated_pairs rounded up to a unit)
   int cos_rows;         // cos/sin rows in shared memory: tokens_per_block, or fewer when seq_major
   bool seq_major;       // tokens in (seq, batch) order (kSeqMajor kernels): positions shared by the batch
                         // rows, a cos/sin row per position of the block
   bool prefetch;        // load each thread's first unit before the cos/sin phase
   bool pipeline;        // and each next unit before the current one's work (kPipe kernels)
-  FastDiv by_units_per_head, by_heads_per_block, by_n_stride, by_partial_pieces;
+  FastDiv by_units_per_head, by_heads_per_block, by_n_stride;
 };
 
 // One block's work, as the file's header comment describes it: the kernel below runs phase 0, phase 1 and
 // phase 2 of it in turn. V: channels per unit access (16 bytes worth on the fast path, 1 otherwise).
-// kPartial: in place with a partial last chunk per head. kPipe: each thread's next unit is loaded before the
-// current unit's work. kSeqMajor: tokens in (seq, batch) order, cos/sin rows per position. Each is its own
+// kPipe: each thread's next unit is loaded before the current unit's work. kSeqMajor: tokens in (seq, batch) order, cos/sin rows per position. Each is its own
 // instantiation: as runtime switches they cost the other kernels time even when off.
-template <typename T, int V, bool kInter, bool kPartial, bool kPipe, bool kSeqMajor>
+template <typename T, int V, bool kInter, bool kPipe, bool kSeqMajor>
 struct RotaryBlock {
   using Acc = at::opmath_type<T>;
   static constexpr bool kUnit = V > 1;
-  static_assert(!(kPipe && (kPartial || !kUnit)), "the pipeline is for whole units on the fast path");
-  static_assert(!(kSeqMajor && (kPipe || kPartial || !kUnit)), "seq-major blocks only for whole units");
+  static_assert(!(kPipe && !kUnit), "the pipeline is for the fast path");
+  static_assert(!(kSeqMajor && (kPipe || !kUnit)), "seq-major blocks only on the fast path");
   // A half-split unit spans W pairs; an interleaved one W channels (W/2 pairs).
   static constexpr int W = kUnit ? V : (kInter ? 2 : 1);
   using Chunk = Vec<T, W>;
@@ -208,7 +169,7 @@ struct RotaryBlock {
   Acc* sin_s;
   int* row_s;  // [T] seq_major: a token's cos/sin row
   int64_t tok0;
-  int T_here, n, hq, h_begin, h_count, uph, whole, units, half;
+  int T_here, n, hq, h_begin, h_count, uph, units, half;
 
   __device__ __forceinline__ RotaryBlock(const RotaryParams& p_, const LaunchShape& L_, unsigned char* smem)
       : p(p_), L(L_) {
@@ -225,8 +186,7 @@ struct RotaryBlock {
     h_begin = blockIdx.y * L.heads_per_block;
     h_count = min(L.heads_per_block, h_total - h_begin);
     uph = L.units_per_head;
-    whole = T_here * h_count * uph;
-    units = whole + (kPartial ? T_here * h_count * L.partial_pieces : 0);
+    units = T_here * h_count * uph;
     half = p.rotary_dim / 2;
   }
 
@@ -247,11 +207,11 @@ struct RotaryBlock {
       s = tok - outer * inner;
     }
   }
-  // Whether unit u is a whole unit within rotary_dim, the kind that phase 0 and the pipeline load early
+  // Whether unit u is one within rotary_dim, the kind that phase 0 and the pipeline load early
   __device__ __forceinline__ bool early(int u) const {
-    return u < whole && u - L.by_units_per_head(u) * uph < L.rot_units;
+    return u < units && u - L.by_units_per_head(u) * uph < L.rot_units;
   }
-  // A whole unit u of the block: its chunk, token (in the block) and head (q heads, then k heads)
+  // Unit u of the block: its chunk, token (in the block) and head (q heads, then k heads)
   __device__ __forceinline__ void locate(int u, int& chunk, int& t, int& head) const {
     const int r = L.by_units_per_head(u);
     chunk = u - r * uph;
@@ -264,13 +224,13 @@ struct RotaryBlock {
     return static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) + offs[4 * t + (is_q ? 0 : 1)] +
            (is_q ? head : head - hq) * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
   }
-  // The two vectors of whole unit `chunk` of a row (one when interleaved)
+  // The two vectors of unit `chunk` of a row (one when interleaved)
   __device__ __forceinline__ void load_unit(const T* in, int chunk, Chunk& a, Chunk& b) const {
     a = load<W, true>(in, chunk * W, 1);
     if constexpr (!kInter) b = load<W, true>(in, chunk * W + half, 1);
   }
 
-  // ---- 0. the thread's first unit, when it is a whole unit within rotary_dim (fast path): loaded now, so
+  // ---- 0. the thread's first unit, when it is a unit within rotary_dim (fast path): loaded now, so
   // that the latency of these loads overlaps phase 1 instead of following it. Its row offset is not in shared
   // memory yet, hence computed here. Returns whether it loaded.
   __device__ __forceinline__ bool load_first_unit(Chunk& a, Chunk& b) const {
@@ -358,18 +318,10 @@ struct RotaryBlock {
     }
   }
 
-  // ---- 2. rotate (or copy) unit u of the block's tokens x heads; whole units come first, the partial pieces
-  // (in place only) after them, so that warps stay on one path. have: the unit's vectors are pa/pb already.
+  // ---- 2. rotate (or copy) unit u of the block's tokens x heads. have: the unit's vectors are pa/pb already.
   __device__ __forceinline__ void rotate_unit(int u, bool have, const Chunk& pa, const Chunk& pb) const {
-    int chunk, r, piece = 0;
-    if (u < whole) {
-      r = L.by_units_per_head(u);
-      chunk = u - r * uph;
-    } else {
-      chunk = uph;
-      r = L.by_partial_pieces(u - whole);
-      piece = u - whole - r * L.partial_pieces;
-    }
+    const int r = L.by_units_per_head(u);
+    const int chunk = u - r * uph;
     const int t = L.by_heads_per_block(r);
     const int head = h_begin + (r - t * h_count);
     const bool is_q = head < hq;
@@ -383,30 +335,25 @@ struct RotaryBlock {
     const Acc* cs = cos_s + row * L.n_stride;
     const Acc* sn = sin_s + row * L.n_stride;
 
-    if constexpr (kUnit && kPartial) {
-      if (u >= whole) {  // in place: one piece of the chunk with the last rotated pairs
-        int off;
-        const int w = piece_of<V>(L.partial_rem, piece, off);
-        rotate_piece<V / 2, kInter>(out, chunk * W + off, half, cs, sn, w);
-        return;
-      }
-    }
     if (chunk < L.rot_units) {
       const int ch = chunk * W;
-      // cnt: the unit's rotating pairs; fewer than the unit's only out of place, where the others are copied
+      // cnt: the unit's rotating pairs; fewer than the unit's in the last unit holding rotating pairs (the
+      // others are copied out of place, written back unchanged in place) or none (out of place only)
       const int cnt = max(0, min(n - (kInter ? ch / 2 : ch), kInter ? W / 2 : W));
+      const bool whole_units = n % (kInter ? W / 2 : W) == 0;  // every rotating unit rotates all its pairs
       if (cnt == 0) {  // a copy (cos/sin rows hold only the rotating pairs)
         store<W, kUnit>(out, ch, ocs, have ? pa : load<W, kUnit>(in, ch, ics));
         if constexpr (!kInter) store<W, kUnit>(out, ch + half, ocs, have ? pb : load<W, kUnit>(in, ch + half, ics));
       } else if constexpr (kInter) {
-        if (cnt == W / 2) {  // every pair rotates (see below)
+        if (cnt == W / 2 && whole_units) {  // every pair rotates (see below)
           rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, W / 2, have, pa);
         } else {
           rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, cnt, have, pa);
         }
-      } else if (cnt == W) {
-        // Every pair of the unit rotates (all units but one per head at most): with the count a constant, the
-        // per-element choice between rotated and copied values disappears, 16 selects per unit.
+      } else if (cnt == W && whole_units) {
+        // Every pair of the unit rotates: with the count a constant, the per-element choice between rotated and
+        // copied values disappears, 16 selects per unit. Only where every rotating unit is whole: otherwise the
+        // lanes of a warp holding the last unit of a head would take the other path, and the warp both.
         rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, W, have, pa, pb);
       } else {
         rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, cnt, have, pa, pb);
@@ -418,10 +365,10 @@ struct RotaryBlock {
   }
 };
 
-template <typename T, int V, bool kInter, bool kPartial, bool kPipe, bool kSeqMajor>
+template <typename T, int V, bool kInter, bool kPipe, bool kSeqMajor>
 __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, const LaunchShape L) {
   extern __shared__ __align__(16) unsigned char smem[];
-  using Block = RotaryBlock<T, V, kInter, kPartial, kPipe, kSeqMajor>;
+  using Block = RotaryBlock<T, V, kInter, kPipe, kSeqMajor>;
   using Chunk = typename Block::Chunk;
   const Block blk(p, L, smem);
 
@@ -488,8 +435,6 @@ void launch_with(const RotaryParams& p, const LaunchPlan& plan) {
   L.heads_per_block = plan.heads_per_block;
   L.units_per_head = plan.units_per_head;
   L.rot_units = plan.rot_units;
-  L.partial_rem = plan.partial_rem;
-  L.partial_pieces = plan.partial_pieces;
   L.n_stride = plan.n_stride;
   L.cos_rows = plan.cos_rows;
   L.seq_major = plan.seq_major;
@@ -498,27 +443,23 @@ void launch_with(const RotaryParams& p, const LaunchPlan& plan) {
   L.by_units_per_head = FastDiv(L.units_per_head);
   L.by_heads_per_block = FastDiv(L.heads_per_block);
   L.by_n_stride = FastDiv(L.n_stride);
-  L.by_partial_pieces = FastDiv(L.partial_pieces);
   const dim3 grid(static_cast<unsigned>(plan.token_blocks), static_cast<unsigned>(plan.head_blocks));
   const int threads = plan.threads;
   const size_t smem = plan.shared_bytes;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if constexpr (V > 1) {
     switch (plan.kernel) {
-      case KernelKind::kPartial:
-        rotary_kernel<T, V, kInter, true, false, false><<<grid, threads, smem, stream>>>(p, L);
-        break;
       case KernelKind::kPipelined:
-        rotary_kernel<T, V, kInter, false, true, false><<<grid, threads, smem, stream>>>(p, L);
+        rotary_kernel<T, V, kInter, true, false><<<grid, threads, smem, stream>>>(p, L);
         break;
       case KernelKind::kSeqMajor:
-        rotary_kernel<T, V, kInter, false, false, true><<<grid, threads, smem, stream>>>(p, L);
+        rotary_kernel<T, V, kInter, false, true><<<grid, threads, smem, stream>>>(p, L);
         break;
       default:
-        rotary_kernel<T, V, kInter, false, false, false><<<grid, threads, smem, stream>>>(p, L);
+        rotary_kernel<T, V, kInter, false, false><<<grid, threads, smem, stream>>>(p, L);
     }
   } else {  // the scalar path has one kernel (the planner chooses no other for it)
-    rotary_kernel<T, V, kInter, false, false, false><<<grid, threads, smem, stream>>>(p, L);
+    rotary_kernel<T, V, kInter, false, false><<<grid, threads, smem, stream>>>(p, L);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -11,7 +11,8 @@ The angle of pair i at position m comes from tables (cos[m, i], sin[m, i]; float
 exactly, unit column stride, any row stride) or from float64 inverse
 frequencies (m * inv_freq[i], reduced modulo 2*pi in float64 before a float32 sin/cos; accurate while
 |m * inv_freq[i]| <= MAX_ANGLE = 2^28). `rotated_pairs` pairs (from the fastest) rotate; the others are copied
-out of place and left untouched in place. In place, q and k must not share memory with each other or with
+out of place and keep their values in place (bit for bit; the CUDA kernel rewrites, unchanged, those that
+share a 16-byte block with rotating channels of their row). In place, q and k must not share memory with each other or with
 the other arguments, nor have elements that share memory (expand()): the op refuses such inputs.
 Arithmetic is float32 for float32/16/bf16 storage (float64 for float64, which gradcheck uses).
 

@@ -9,9 +9,9 @@ fails here loudly instead of testing something else.
 
 What this checks: indexing, work split and launch shapes (those of a GPU with a given number of
 multiprocessors and memory: with few multiprocessors, small inputs take the shapes of large ones), in-place
-calls touching only the rotating channels, alignment of every vector access, shared memory read only after
-it is written. What it does not: timing, the GPU memory model beyond __syncthreads, CUDA's own sincos (the
-host's float sin/cos run instead, as in the C++ CPU kernel), nvcc's code generation.
+calls touching only the 16-byte blocks that hold rotating channels, alignment of every vector access, shared
+memory read only after it is written. What it does not: timing, the GPU memory model beyond __syncthreads,
+CUDA's own sincos (the host's float sin/cos run instead, as in the C++ CPU kernel), nvcc's code generation.
 """
 import hashlib
 import os

@@ -1,6 +1,6 @@
 """The CUDA kernel's own checks: == the reference (CPU) and == float64 over its launch shapes (short inputs,
 long ones through the load-ahead paths, decode) and its vector and scalar paths; in place, channels that do not
-rotate are never written; CUDA's sin/cos tolerance (scale, inverse, float64); GPU positions, which go unchecked;
+rotate keep their bits; CUDA's sin/cos tolerance (scale, inverse, float64); GPU positions, which go unchecked;
 its refusals and tables in the model's dtype; CUDA-graph capture and non-default streams. Skipped without CUDA.
 The properties every device shares (opcheck, gradients, torch.compile, packed sequences, the hypothesis
 property test) are test_ops.py's, one body each parametrised by device.
@@ -153,8 +153,9 @@ def check_against_reference(dtype, layout, head_dim, rotary_dim, pairs, heads, t
     assert torch.equal(qi[..., keep], q0[..., keep]) and torch.equal(ki[..., keep], k0[..., keep])
 
 
-def test_inplace_never_writes_unrotated_channels():
-    """NaN bit patterns in channels that do not rotate must survive in place (they are not even read)."""
+def test_inplace_keeps_unrotated_channels_bit_for_bit():
+    """NaN bit patterns in channels that do not rotate must survive in place (where they share a 16-byte block
+    with rotating channels, as pairs 46 and 47 here do, they are read and written back unchanged)."""
     head_dim, pairs = 128, 46
     q = torch.randn(2, 9, 4, head_dim, device=DEV, dtype=torch.bfloat16)
     k = torch.randn(2, 9, 1, head_dim, device=DEV, dtype=torch.bfloat16)

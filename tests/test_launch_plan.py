@@ -56,16 +56,15 @@ extern "C" void plan(const int64_t* a, int64_t* out) {
   dev.units_per_thread = static_cast<int>(s[11]);
   const LaunchPlan L = plan_launch(in, dev);
   const int64_t v[] = {static_cast<int64_t>(L.kernel), L.vector, L.tokens, L.tokens_per_block, L.heads_per_block,
-                       L.units_per_head, L.rot_units, L.partial_rem, L.partial_pieces, L.n_stride, L.cos_rows,
-                       L.seq_major, L.prefetch, L.pipeline, L.threads, L.token_blocks, L.head_blocks,
-                       static_cast<int64_t>(L.shared_bytes)};
-  for (int i = 0; i < 18; ++i) out[i] = v[i];
+                       L.units_per_head, L.rot_units, L.n_stride, L.cos_rows, L.seq_major, L.prefetch,
+                       L.pipeline, L.threads, L.token_blocks, L.head_blocks, static_cast<int64_t>(L.shared_bytes)};
+  for (int i = 0; i < 16; ++i) out[i] = v[i];
 }
 '''
 FIELDS = ["kernel", "vector", "tokens", "tokens_per_block", "heads_per_block", "units_per_head", "rot_units",
-          "partial_rem", "partial_pieces", "n_stride", "cos_rows", "seq_major", "prefetch", "pipeline", "threads",
-          "token_blocks", "head_blocks", "shared_bytes"]
-KERNELS = ["none", "plain", "partial", "pipelined", "seq_major"]  # KernelKind's order
+          "n_stride", "cos_rows", "seq_major", "prefetch", "pipeline", "threads", "token_blocks", "head_blocks",
+          "shared_bytes"]
+KERNELS = ["none", "plain", "pipelined", "seq_major"]  # KernelKind's order
 BYTES = {"float16": (2, 4), "bfloat16": (2, 4), "float32": (4, 4), "float64": (8, 8)}  # element, arithmetic
 
 
@@ -137,37 +136,45 @@ HAND = [
     # block -> 2 tokens; 48 units -> 64 threads; smem 2*(4*8+4) + 2*8 + 2*4*2*64 = 1112
     (dict(batch=1, seq=4, hq=2, hk=1, D=128, rotary_dim=128, pairs=64),
      dict(kernel="plain", vector=8, tokens=4, tokens_per_block=2, heads_per_block=3, units_per_head=8, rot_units=8,
-          partial_rem=0, partial_pieces=0, n_stride=64, cos_rows=2, seq_major=False, prefetch=True, pipeline=False,
-          threads=64, token_blocks=2, head_blocks=1, shared_bytes=1112)),
+          n_stride=64, cos_rows=2, seq_major=False, prefetch=True, pipeline=False, threads=64, token_blocks=2,
+          head_blocks=1, shared_bytes=1112)),
     # decoding, 72 heads: 576 units a token over a target of 64 -> 9 blocks of 8 heads, no prefetch;
     # smem 36 + 16 + 2*4*64 = 564
     (dict(batch=1, seq=1, hq=64, hk=8, D=128, rotary_dim=128, pairs=64),
      dict(kernel="plain", vector=8, tokens=1, tokens_per_block=1, heads_per_block=8, units_per_head=8, rot_units=8,
-          partial_rem=0, partial_pieces=0, n_stride=64, cos_rows=1, seq_major=False, prefetch=False, pipeline=False,
-          threads=64, token_blocks=1, head_blocks=9, shared_bytes=564)),
-    # in place, 5 rotated pairs of a 16-channel head: no whole unit, a partial chunk of pieces 4 + 1;
-    # smem 6*36 + 6*8 + 2*4*6*8 = 648
+          n_stride=64, cos_rows=1, seq_major=False, prefetch=False, pipeline=False, threads=64, token_blocks=1,
+          head_blocks=9, shared_bytes=564)),
+    # in place, 5 rotated pairs of a 16-channel head: one unit (8 pairs, 3 written back unchanged) a head;
+    # not pipelined: 4 * 8 cos/sin elements a token for 2 units; smem 6*36 + 6*8 + 2*4*6*8 = 648
     (dict(batch=2, seq=3, hq=1, hk=1, D=16, rotary_dim=16, pairs=5, dtype="float16", inplace=True),
-     dict(kernel="partial", vector=8, tokens=6, tokens_per_block=6, heads_per_block=2, units_per_head=0, rot_units=0,
-          partial_rem=5, partial_pieces=2, n_stride=8, cos_rows=6, seq_major=False, prefetch=True, pipeline=False,
-          threads=32, token_blocks=1, head_blocks=1, shared_bytes=648)),
+     dict(kernel="plain", vector=8, tokens=6, tokens_per_block=6, heads_per_block=2, units_per_head=1, rot_units=1,
+          n_stride=8, cos_rows=6, seq_major=False, prefetch=True, pipeline=False, threads=32, token_blocks=1,
+          head_blocks=1, shared_bytes=648)),
+    # HoPE-like in place (46 of 64 pairs): 6 units a head, the last with 6 rotating pairs; 40 heads -> 240 units
+    # a token > 4 * 48 cos/sin elements: pipelined; target min(4*128, max(64, 240*8/4)) = 480 -> 2 tokens;
+    # smem 2*36 + 16 + 2*4*2*48 = 856
+    (dict(batch=1, seq=8, hq=32, hk=8, D=128, rotary_dim=128, pairs=46, inplace=True, sms=1),
+     dict(kernel="pipelined", vector=8, tokens=8, tokens_per_block=2, heads_per_block=40, units_per_head=6,
+          rot_units=6, n_stride=48, cos_rows=2, seq_major=False, prefetch=True, pipeline=True, threads=128,
+          token_blocks=4, head_blocks=1, shared_bytes=856)),
     # Gemma-like, shared positions, one multiprocessor: 144 units a token, target 768 -> 5 tokens, rounded
     # to the 4 batch rows of one position; cos/sin rows min(4, (4+4-2)/4 + 1) = 2; smem 144 + 32 + 2*4*2*128
     (dict(batch=4, seq=8, hq=8, hk=1, D=256, rotary_dim=256, pairs=128, shared_positions=True, sms=1,
           units_per_thread=6),
      dict(kernel="seq_major", vector=8, tokens=32, tokens_per_block=4, heads_per_block=9, units_per_head=16,
-          rot_units=16, partial_rem=0, partial_pieces=0, n_stride=128, cos_rows=2, seq_major=True, prefetch=True,
-          pipeline=False, threads=128, token_blocks=8, head_blocks=1, shared_bytes=2224)),
+          rot_units=16, n_stride=128, cos_rows=2, seq_major=True, prefetch=True, pipeline=False, threads=128,
+          token_blocks=8, head_blocks=1, shared_bytes=2224)),
     # partial rotary out of place (rotary_dim 64 of 128): 4 rotating + 8 copied units a head, pipelined,
     # units per thread raised to 6: target min(768, max(64, 1536/4)) = 384 -> 4 tokens; smem 144 + 32 + 1024
     (dict(batch=1, seq=16, hq=4, hk=4, D=128, rotary_dim=64, pairs=32, sms=1),
      dict(kernel="pipelined", vector=8, tokens=16, tokens_per_block=4, heads_per_block=8, units_per_head=12,
-          rot_units=4, partial_rem=0, partial_pieces=0, n_stride=32, cos_rows=4, seq_major=False, prefetch=True,
-          pipeline=True, threads=128, token_blocks=4, head_blocks=1, shared_bytes=1200)),
+          rot_units=4, n_stride=32, cos_rows=4, seq_major=False, prefetch=True, pipeline=True, threads=128,
+          token_blocks=4, head_blocks=1, shared_bytes=1200)),
 ]
 
 
-@pytest.mark.parametrize("case,expected", HAND, ids=["llama", "decode", "partial", "seq_major", "pipelined"])
+@pytest.mark.parametrize("case,expected", HAND,
+                         ids=["llama", "decode", "inplace_partial_unit", "hope_inplace", "seq_major", "pipelined"])
 def test_plans_by_hand(lib, case, expected):
     assert call_plan(lib, **case) == expected
 
@@ -240,17 +247,13 @@ def test_plan_properties(lib):
         # a unit: V pairs (half-split) or V channels (interleaved) on the fast path, one pair otherwise
         pairs_per_unit = (V // 2 if kw["interleaved"] else V) if V > 1 else 1
         chan_per_unit = 2 * pairs_per_unit  # channels of a unit's pairs
-        uph, rot, rem = L["units_per_head"], L["rot_units"], L["partial_rem"]
-        # every channel of a head in exactly one unit: out of place all D, in place exactly the 2n rotated
-        # channels (whole units, then the power-of-two pieces of the partial chunk)
+        uph, rot = L["units_per_head"], L["rot_units"]
+        # every channel of a head in exactly one unit: out of place all D, in place the fewest units that hold
+        # the 2n rotated channels
         if inplace:
             assert rot == uph, what
-            rem_channels = rem * (1 if kw["interleaved"] else 2)
-            assert uph * chan_per_unit + rem_channels == 2 * n, what
-            assert rem_channels < chan_per_unit, what
-            assert L["partial_pieces"] == bin(rem).count("1"), what
+            assert (uph - 1) * chan_per_unit < 2 * n <= uph * chan_per_unit, what
         else:
-            assert rem == 0 and L["partial_pieces"] == 0, what
             copied = 0 if kw["interleaved"] else (uph - rot) * pairs_per_unit  # half-split: past rotary_dim
             assert rot * chan_per_unit + copied == D, what
             assert rot * pairs_per_unit >= n, what  # every rotated pair in a rotary unit
@@ -263,7 +266,7 @@ def test_plan_properties(lib):
         assert L["token_blocks"] < 2**31 and L["head_blocks"] < 65536, what  # CUDA's grid limits
         assert T == 1 or Hb == h_total, what  # a block holds whole tokens, or a slice of one token's heads
         # threads: whole warps, at most 128, no more warps than the block has units
-        units = T * Hb * (uph + L["partial_pieces"])
+        units = T * Hb * uph
         assert L["threads"] % 32 == 0 and 32 <= L["threads"] <= 128, what
         assert L["threads"] - 32 < units, what
         # block size in units: at most 8 units a thread (seq-major rounding to whole positions may add half);
@@ -271,12 +274,10 @@ def test_plan_properties(lib):
         if T > 1:
             assert units <= (1.5 if L["seq_major"] else 1) * 8 * 128, what
         else:
-            assert (Hb - 1) * (uph + L["partial_pieces"]) < 8 * 128, what
+            assert (Hb - 1) * uph < 8 * 128, what
         # the kernel's preconditions
         if V == 1:
             assert L["kernel"] == "plain" and not L["pipeline"] and not L["seq_major"], what
-        assert (L["kernel"] == "partial") == (rem != 0), what
-        assert L["kernel"] != "partial" or inplace, what
         assert L["pipeline"] == (L["kernel"] == "pipelined"), what
         assert L["seq_major"] == (L["kernel"] == "seq_major"), what
         assert not L["pipeline"] or L["prefetch"], what
