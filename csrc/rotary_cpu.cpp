@@ -415,6 +415,14 @@ std::tuple<at::Tensor, at::Tensor> rotary_autograd(const at::Tensor& q, const at
                                                    const std::optional<at::Tensor>& inv_freq,
                                                    const at::Tensor& positions, double scale, int64_t rotary_dim,
                                                    int64_t rotated_pairs, bool interleaved, bool inverse) {
+  const bool records = (c10::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad())) ||
+                       q._fw_grad(/*level=*/0).defined() || k._fw_grad(/*level=*/0).defined();
+  if (!records) {  // nothing for autograd (inference, and the backward's own call): a Function's bookkeeping
+                   // costs microseconds of host time per call
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return rotary_op().call(q, k, cos, sin, inv_freq, positions, scale, rotary_dim, rotated_pairs, interleaved,
+                            inverse);
+  }
   auto out = RotaryFunction::apply(q, k, cos, sin, inv_freq, positions, scale, rotary_dim, rotated_pairs,
                                    interleaved, inverse);
   return {out[0], out[1]};

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .frequencies import ROPE_TYPES, check_int, check_number, hope_keeps, prope_rotated_pairs, rope_frequencies
-from .ops import MAX_HEAD_DIM, _positions_from_cu_seqlens, apply_rotary
+from .ops import MAX_HEAD_DIM, _fast_rotary, _positions_from_cu_seqlens, apply_rotary
 
 __all__ = ["Encoding", "RoPE", "PRoPE", "HoPE", "NoPE", "get_encoding", "encoding_class", "ENCODINGS",
            "rotated_pairs_of", "op_pairs_of"]
@@ -143,6 +143,11 @@ class Encoding(nn.Module):
     def _place(self, device: torch.device):
         self.inv_freq64 = self._inv_freq64_master.to(device)
         self.inv_freq = self._inv_freq64_master.to(device, torch.float32)
+        # The op's arguments for `apply`'s common call, resolved once: buffer reads and properties cost
+        # microseconds of host time per call in eager models. None for the rope types whose frequencies depend
+        # on the positions.
+        self._op_args = None if self.rope_type in ("dynamic", "longrope") else (
+            self.inv_freq64, self.attention_scale, self.rotary_dim, self.op_pairs, self.interleaved)
 
     def mask(self, inv_freq: torch.Tensor) -> torch.Tensor:
         """The encoding's idea, applied to the frequencies given (its own, or a model's, scaled ones included):
@@ -207,6 +212,16 @@ class Encoding(nn.Module):
     def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None, *,
               layout: str = "bshd", inplace: bool = False, cu_seqlens: torch.Tensor | None = None):
         """(q, k) rotated through the fused op; see `posenc.apply_rotary` for shapes and options."""
+        op_args, head_dim = self._op_args, self.head_dim
+        if (op_args is not None and not inplace and cu_seqlens is None and type(q) is torch.Tensor
+                and type(k) is torch.Tensor and q.dim() == 4 and k.dim() == 4 and q.shape[3] == head_dim
+                and k.shape[3] == head_dim):
+            # (frequencies on another device than q: the op refuses them, and the full path below moves them)
+            inv_freq, scale, rotary_dim, pairs, interleaved = op_args
+            out = _fast_rotary(q, k, None, None, positions, inv_freq, scale, rotary_dim, pairs, interleaved,
+                               layout, False)
+            if out is not None:
+                return out
         for name, t in (("q", q), ("k", k)):
             if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] != self.head_dim:
                 raise ValueError(f"{name} must end in head_dim={self.head_dim} channels, got shape {tuple(t.shape)}")

@@ -209,13 +209,25 @@ def backend(device: str | torch.device = "cpu") -> str:
 
 
 # ------------------------------------------------------------------------------------- fake + autograd
+def _check_one_device(q, k, cos, sin, inv_freq, positions):
+    """The kernels' device check, for the fake kernels: the dispatcher sends a call with any meta tensor to them
+    (meta outranks the other devices), where meta positions or frequencies with CPU q and k would otherwise
+    give uninitialised CPU tensors."""
+    for name, t in (("k", k), ("cos", cos), ("sin", sin), ("inv_freq", inv_freq), ("positions", positions)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"posenc::rotary: q, k, the tables or inv_freq and positions must be on one device; "
+                             f"q is on {q.device}, {name} on {t.device}")
+
+
 @torch.library.register_fake("posenc::rotary")
 def _rotary_fake(q, k, *args):
+    _check_one_device(q, k, *args[:4])
     return torch.empty_like(q), torch.empty_like(k)
 
 
 @torch.library.register_fake("posenc::rotary_")
 def _rotary_inplace_fake(q, k, *args):
+    _check_one_device(q, k, *args[:4])
     return None
 
 
@@ -366,7 +378,6 @@ def _per_token_tables(cos, sin, batch, seq, device):
 
 
 _ROTARY = torch.ops.posenc.rotary.default
-_FAST_DTYPES = frozenset(_DTYPES)
 _DEFAULT_POSITIONS: dict = {}  # (device, batch, seq) -> int64 [batch, seq] view of 0..seq-1, built once
 
 
@@ -385,39 +396,40 @@ def _default_positions(batch, seq, device):
 
 
 def _fast_token_tables(cos, sin, batch, seq, rotary_dim, device):
-    """transformers' per-token tables ([1 or batch, seq, R]) as the op reads them: views of the first half, one
-    row per position when the batch rows share them (batch 1 or batch stride 0), else one row per token (rows
-    of [batch * seq, R], as when decoding with per-row positions); None where the full path must check them."""
-    if (type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dtype not in _TABLE_DTYPES
-            or sin.dtype != cos.dtype or cos.layout != torch.strided or sin.layout != torch.strided
-            or cos.dim() != 3 or cos.shape != sin.shape or cos.device != device or sin.device != device
+    """transformers' per-token tables ([1 or batch, seq, R]) as the op reads them: views, one row per position
+    when the batch rows share them (batch 1 or batch stride 0), else one row per token (rows of [batch * seq, R],
+    as when decoding with per-row positions); None where the full path must check them. Rows are passed whole:
+    the op reads a row's first rotated_pairs columns, which in both widths (halves duplicated, or one half) are
+    the first half's, so no slicing. Dtypes, devices and strides are the op's to check (see _fast_rotary)."""
+    if (type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or cos.dim() != 3 or cos.shape != sin.shape
             or ((cos.requires_grad or sin.requires_grad) and torch.is_grad_enabled())):
         return None
     rows, length, width = cos.shape
-    half = rotary_dim // 2
-    if length != seq or width not in (rotary_dim, half):
+    if length != seq or width not in (rotary_dim, rotary_dim // 2):
         return None
     if rows == 1 or (rows == batch and cos.stride(0) == 0 and sin.stride(0) == 0):
-        c, s, positions = cos[0, :, :half], sin[0, :, :half], _default_positions(batch, seq, device)
-    elif rows == batch and all(t.stride(0) == seq * t.stride(1) or seq == 1 for t in (cos, sin)):
-        c, s = cos[:, :, :half].flatten(0, 1), sin[:, :, :half].flatten(0, 1)  # views, by the strides tested
-        positions = _token_positions(batch, seq, device)
-    else:
-        return None
-    if half > 1 and (c.stride(-1) != 1 or s.stride(-1) != 1):
-        return None
-    return c, s, positions
+        return cos.select(0, 0), sin.select(0, 0), _default_positions(batch, seq, device)
+    if rows == batch and (seq == 1 or (cos.stride(0) == seq * cos.stride(1) and sin.stride(0) == seq * sin.stride(1))):
+        # views, by the strides tested
+        return cos.view(-1, width), sin.view(-1, width), _token_positions(batch, seq, device)
+    return None
+
+
+# What the op raises for arguments it refuses (c10's ValueError, TypeError and IndexError; NotImplementedError, a
+# RuntimeError, where no kernel serves the tensors' device or layout), before it touches memory.
+_OP_REFUSALS = (ValueError, TypeError, IndexError, RuntimeError)
 
 
 def _fast_rotary(q, k, cos, sin, positions, inv_freq, scale, rotary_dim, rotated_pairs, interleaved, layout,
                  inverse):
     """The common calls, out of place: float64 inv_freq (Encoding.apply, decoding) or transformers' per-token
-    tables (the HF path), checked with cheap tests only and run on the op directly; None where any test fails or
-    the call needs more (the full path then checks and explains). Accepts only what the full path accepts for
-    these arguments, and passes the op the same."""
-    if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or q.dtype not in _FAST_DTYPES
-            or k.dtype != q.dtype or q.layout != torch.strided or k.layout != torch.strided or q.dim() != 4
-            or k.dim() != 4 or type(scale) not in (float, int) or not math.isfinite(scale)):
+    tables (the HF path), run on the op directly; None where the call needs the full path (which then checks and
+    explains). Host time is the point: here Python tests only what the op would not refuse by itself (shapes it
+    does not know, the numbers' ranges), and what the op refuses (dtypes, devices, strides, layouts, ranges it
+    checks) sends the call to the full path, which names the argument. So this accepts only what the full path
+    accepts for these arguments, and passes the op the same."""
+    if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or q.dim() != 4 or k.dim() != 4
+            or type(scale) not in (float, int) or not math.isfinite(scale)):
         return None
     if layout == "bshd":
         q4, k4 = q, k
@@ -427,9 +439,7 @@ def _fast_rotary(q, k, cos, sin, positions, inv_freq, scale, rotary_dim, rotated
         return None
     batch, seq, _, head_dim = q4.shape
     kb, ks, _, kd = k4.shape
-    device = q.device
-    if (kb != batch or ks != seq or kd != head_dim or head_dim % 2 or head_dim > MAX_HEAD_DIM
-            or k.device != device):
+    if kb != batch or ks != seq or kd != head_dim or head_dim % 2 or head_dim > MAX_HEAD_DIM:
         return None
     if rotary_dim is None:
         rotary_dim = head_dim
@@ -441,19 +451,16 @@ def _fast_rotary(q, k, cos, sin, positions, inv_freq, scale, rotary_dim, rotated
     elif type(rotated_pairs) is not int or not 0 <= rotated_pairs <= half:
         return None
     if inv_freq is None:
-        tables = None if interleaved else _fast_token_tables(cos, sin, batch, seq, rotary_dim, device)
+        tables = None if interleaved else _fast_token_tables(cos, sin, batch, seq, rotary_dim, q.device)
         if tables is None:
             return None
         cos, sin, positions = tables
-    elif (type(inv_freq) is not torch.Tensor or inv_freq.dtype != torch.float64 or inv_freq.dim() != 1
-          or inv_freq.layout != torch.strided or not inv_freq.is_contiguous() or inv_freq.shape[0] != half
-          or inv_freq.device != device
-          or (device.type == "cpu" and not _HAS_CPU_KERNEL)):  # there, the angles need the full path's check
+    elif (type(inv_freq) is not torch.Tensor or inv_freq.shape != (half,)
+          or (not _HAS_CPU_KERNEL and inv_freq.device.type == "cpu")):  # there, the angles need the full check
         return None
     elif positions is None:
-        positions = _default_positions(batch, seq, device)
-    elif (type(positions) is not torch.Tensor or positions.dtype != torch.int64 or positions.device != device
-          or positions.layout != torch.strided):
+        positions = _default_positions(batch, seq, q.device)
+    elif type(positions) is not torch.Tensor:
         return None
     elif positions.dim() == 2 and positions.shape[1] == seq and positions.shape[0] in (batch, 1):
         if positions.shape[0] != batch:
@@ -462,8 +469,11 @@ def _fast_rotary(q, k, cos, sin, positions, inv_freq, scale, rotary_dim, rotated
         positions = positions.expand(batch, seq)
     else:
         return None
-    q_out, k_out = _ROTARY(q4, k4, cos, sin, inv_freq, positions, float(scale), rotary_dim, rotated_pairs,
-                           bool(interleaved), bool(inverse))
+    try:
+        q_out, k_out = _ROTARY(q4, k4, cos, sin, inv_freq, positions, float(scale), rotary_dim, rotated_pairs,
+                               bool(interleaved), bool(inverse))
+    except _OP_REFUSALS:
+        return None
     if layout == "bhsd":
         return q_out.transpose(1, 2), k_out.transpose(1, 2)
     return q_out, k_out

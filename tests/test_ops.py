@@ -57,6 +57,25 @@ def test_gradcheck_float64(interleaved, kind, device):
     assert torch.autograd.gradgradcheck(lambda a, b: enc.apply(a, b, positions), (q, k))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_autograd_records_exactly_when_it_must(device):
+    """The op's autograd kernel skips the Function where nothing records (inference, the backward's own call):
+    outputs then have no history; with grad they do, also for k alone; and forward-mode AD (dual tensors, which
+    need no requires_grad) is refused, never answered with its tangents dropped."""
+    import torch.autograd.forward_ad as fwAD
+    enc = posenc.RoPE(16).to(device)
+    q, k = torch.randn(1, 3, 2, 16, device=device), torch.randn(1, 3, 1, 16, device=device)
+    assert all(t.grad_fn is None and not t.requires_grad for t in enc.apply(q, k))
+    with torch.no_grad():
+        assert all(t.grad_fn is None for t in enc.apply(q.requires_grad_(), k))
+    qo, ko = enc.apply(q.detach(), k.detach().requires_grad_())
+    assert qo.grad_fn is not None and ko.grad_fn is not None
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q.detach(), torch.randn_like(q))
+        with pytest.raises(RuntimeError, match="jvp"):
+            enc.apply(dual, k.detach())
+
+
 def test_inplace_inside_autograd():
     enc = posenc.RoPE(64)
     w = torch.randn(64, 64, requires_grad=True)
@@ -202,6 +221,27 @@ def test_fast_path_matches_the_full_path_and_refuses_the_same():
                                                                  layout="bhsd", **call)]):
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, atol=2e-6, rtol=2e-6)
+    # what the short path leaves to the op's own checks, which the full path then accepts (converting) ...
+    for kw in (dict(inv_freq=inv.float()), dict(inv_freq=torch.stack([inv, inv], 1)[:, 0]),
+               dict(inv_freq=inv, positions=pos2.int())):
+        want = rotary_reference(q, k, None, None, kw["inv_freq"].double(), pos2, 1.0, 32, 16, False, False)
+        got = ops.apply_rotary(q, k, **{"positions": pos2, **kw})
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=2e-6, rtol=2e-6)
+    cos64, sin64 = (torch.randn(1, 6, 32, dtype=torch.float64) for _ in range(2))
+    got = ops.apply_rotary(q, k, cos64, sin64)
+    for g, w in zip(got, rotary_reference(q, k, cos64[0, :, :16].float(), sin64[0, :, :16].float(), None,
+                                           torch.arange(6).expand(3, 6), 1.0, 32, 16, False, False)):
+        torch.testing.assert_close(g, w, atol=2e-6, rtol=2e-6)
+    # ... or refuses, naming the argument (the dispatcher sends any call with a meta tensor to the fake kernel)
+    meta = torch.device("meta")
+    for kw, msg in [(dict(inv_freq=inv.to(meta)), "inv_freq must be on q's device"),
+                    (dict(inv_freq=inv, positions=pos2.to(meta)), "positions must be on q's device"),
+                    (dict(cos=cos64.to(meta), sin=sin64.to(meta)), "cos must be on q's device")]:
+        with pytest.raises(ValueError, match=msg):
+            ops.apply_rotary(q, k, **kw)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        ops.apply_rotary(q.int(), k.int(), inv_freq=inv)
     # the default positions are cached, and outputs never alias them or the inputs
     a = ops.apply_rotary(q, k, inv_freq=inv)
     b = ops.apply_rotary(q, k, inv_freq=inv)
@@ -229,6 +269,41 @@ def test_fast_path_matches_the_full_path_and_refuses_the_same():
         ops.apply_rotary(q, k.double(), inv_freq=inv)
     with pytest.raises(ValueError, match="agree on"):
         ops.apply_rotary(q, k[:, :5], inv_freq=inv)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_short_paths_refuse_mixed_devices_naming_the_argument():
+    """The short paths leave devices to the op; a CPU argument with CUDA q and k (or the reverse) must still end
+    in the full path's message, and an encoding follows the data instead."""
+    q, k = torch.randn(2, 3, 4, 32, device="cuda"), torch.randn(2, 3, 2, 32, device="cuda")
+    inv = 10_000.0 ** (-torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    cos, sin = torch.randn(1, 3, 32), torch.randn(1, 3, 32)
+    for call, msg in [(lambda: posenc.apply_rotary(q, k, inv_freq=inv), "inv_freq must be on q's device"),
+                      (lambda: posenc.apply_rotary(q, k, inv_freq=inv.cuda(), positions=torch.arange(3)),
+                       "positions must be on q's device"),
+                      (lambda: posenc.apply_rotary(q, k, cos, sin), "cos must be on q's device"),
+                      (lambda: posenc.apply_rotary(q.cpu(), k.cpu(), cos.cuda(), sin.cuda()), "cos must be on q's device"),
+                      (lambda: posenc.apply_rotary(q, k.cpu(), inv_freq=inv.cuda()), "same device")]:
+        with pytest.raises(ValueError, match=msg):
+            call()
+    enc = posenc.RoPE(32)  # on the CPU: moves to q's GPU on the first call
+    for got, want in zip(enc.apply(q, k), posenc.apply_rotary(q, k, inv_freq=inv.cuda())):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("op", ["rotary", "rotary_"])
+def test_op_refuses_a_meta_argument_with_cpu_data(op):
+    """A call with any meta tensor goes to the fake kernel (meta outranks the other devices): with q and k on
+    the CPU and meta positions or frequencies, it must refuse, not hand back uninitialised CPU tensors."""
+    q, k = torch.randn(1, 3, 2, 8), torch.randn(1, 3, 1, 8)
+    inv, pos = torch.ones(4, dtype=torch.float64), torch.arange(3).expand(1, 3)
+    meta = torch.device("meta")
+    for args, culprit in [((None, None, inv.to(meta), pos), "inv_freq"), ((None, None, inv, pos.to(meta)), "positions"),
+                          ((torch.ones(3, 4, device=meta), torch.ones(3, 4, device=meta), None, pos), "cos"),
+                          ((None, None, inv, pos), "k")]:
+        kk = k.to(meta) if culprit == "k" else k
+        with pytest.raises(ValueError, match=f"q is on cpu, {culprit} on meta"):
+            getattr(torch.ops.posenc, op)(q, kk, *args, 1.0, 8, 4, False, False)
 
 
 @pytest.mark.skipif(not posenc.ops._HAS_CPU_KERNEL, reason="C++ kernel not built")
