@@ -132,10 +132,12 @@ inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
                                               : (inter ? 2 * n < in.rotary_dim : n < half) &&
                                                     4 * L.n_stride < per_token);
   // Aim for >= 4 blocks per multiprocessor when the problem allows it, but >= 64 units per block (fewer leave
-  // latency unhidden when decoding), and up to `units_per_thread` units per thread: in place always 4, the
-  // pipelined kernels at least 6.
+  // latency unhidden when decoding), and up to `units_per_thread` units per thread: in place with pairs that do
+  // not rotate 4 (the device's figure, where it is larger, was slower there), the pipelined kernels at least 6.
   const int64_t total = L.tokens * per_token;
-  const int units_per_thread = in.inplace ? 4 : pipelined ? std::max(6, dev.units_per_thread) : dev.units_per_thread;
+  const int units_per_thread = in.inplace && n < half ? 4
+                               : pipelined            ? std::max(6, dev.units_per_thread)
+                                                      : dev.units_per_thread;
   const int64_t target = std::min<int64_t>(units_per_thread * kThreads,
                                            std::max<int64_t>(64, total / (4 * dev.multiprocessors)));
   const size_t acc = static_cast<size_t>(in.arithmetic_bytes);

@@ -164,6 +164,13 @@ HAND = [
      dict(kernel="seq_major", vector=8, tokens=32, tokens_per_block=4, heads_per_block=9, units_per_head=16,
           rot_units=16, n_stride=128, cos_rows=2, seq_major=True, prefetch=True, pipeline=False, threads=128,
           token_blocks=8, head_blocks=1, shared_bytes=2224)),
+    # in place, every pair rotating: the device's units per thread (6), as out of place; 80 units a token,
+    # target min(6*128, max(64, 2560/4)) = 640 -> 8 tokens (4 units a thread, with pairs that do not rotate, would
+    # give 512 -> 6); smem 8*36 + 8*8 + 2*4*8*64 = 4448
+    (dict(batch=1, seq=32, hq=8, hk=2, D=128, rotary_dim=128, pairs=64, inplace=True, sms=1, units_per_thread=6),
+     dict(kernel="plain", vector=8, tokens=32, tokens_per_block=8, heads_per_block=10, units_per_head=8,
+          rot_units=8, n_stride=64, cos_rows=8, seq_major=False, prefetch=True, pipeline=False, threads=128,
+          token_blocks=4, head_blocks=1, shared_bytes=4448)),
     # partial rotary out of place (rotary_dim 64 of 128): 4 rotating + 8 copied units a head, pipelined,
     # units per thread raised to 6: target min(768, max(64, 1536/4)) = 384 -> 4 tokens; smem 144 + 32 + 1024
     (dict(batch=1, seq=16, hq=4, hk=4, D=128, rotary_dim=64, pairs=32, sms=1),
@@ -174,7 +181,8 @@ HAND = [
 
 
 @pytest.mark.parametrize("case,expected", HAND,
-                         ids=["llama", "decode", "inplace_partial_unit", "hope_inplace", "seq_major", "pipelined"])
+                         ids=["llama", "decode", "inplace_partial_unit", "hope_inplace", "seq_major", "inplace_full",
+                              "pipelined"])
 def test_plans_by_hand(lib, case, expected):
     assert call_plan(lib, **case) == expected
 
