@@ -16,6 +16,9 @@ Every case (shape x encoding x pass x dtype) times these methods in the same run
   hf_compile  torch.compile of the same function
   liger       liger-kernel's liger_rotary_pos_emb (rotates in place), if liger_kernel imports
   flash_attn  flash_attn.layers.rotary.apply_rotary_emb (one call for q, one for k), if flash_attn imports
+  native_mul  q * 1.0 and k * 1.0 (fwd+bwd only): no rotation, a native elementwise op over the same bytes,
+              through the same autograd.grad call; its eager column is what PyTorch's own dispatch and autograd
+              cost per fwd+bwd, the eager floor of any op (the check column says "floor")
 Passes: "fwd" (out of place), "fwd_inplace" (posenc, liger and flash_attn in place; transformers has no
 in-place form and runs out of place), "fwd+bwd" (forward and torch.autograd.grad through autograd),
 "decode" (forward with random per-row positions, meant for S=1).
@@ -48,7 +51,8 @@ from .specs import EncodingSpec, parse_spec
 __all__ = ["Shape", "Case", "E2EModel", "E2E_PRESETS", "run_e2e", "BENCH_PRESETS", "PRESETS", "METHODS", "PASSES",
            "run", "format_table", "write_json", "plot"]
 
-METHODS = ("copy", "posenc", "posenc_tables", "posenc_hf", "hf_eager", "hf_compile", "liger", "flash_attn")
+METHODS = ("copy", "posenc", "posenc_tables", "posenc_hf", "hf_eager", "hf_compile", "liger", "flash_attn",
+           "native_mul")
 PASSES = ("fwd", "fwd_inplace", "fwd+bwd", "decode")
 _PASS_ALIASES = {"forward": "fwd", "fwd": "fwd", "inplace": "fwd_inplace", "fwd_inplace": "fwd_inplace",
                  "forward_inplace": "fwd_inplace", "backward": "fwd+bwd", "bwd": "fwd+bwd", "fwd+bwd": "fwd+bwd",
@@ -84,7 +88,7 @@ DECODE = Shape("decode-b64", 64, 1, 32, 8, 128)
 CPU_LLAMA = Shape("cpu-llama-s2048", 1, 2048, 32, 8, 128)
 TINY = Shape("tiny", 1, 16, 4, 2, 64)
 
-_LLAMA = [Case(LLAMA_8B, "rope", ("fwd", "fwd+bwd")), Case(LLAMA_8B_LONG, "rope", ("fwd",)),
+_LLAMA = [Case(LLAMA_8B, "rope", ("fwd", "fwd+bwd", "fwd_inplace")), Case(LLAMA_8B_LONG, "rope", ("fwd",)),
           Case(LLAMA_8B, "hope:4096", ("fwd_inplace",)), Case(LLAMA_8B, "prope:0.75", ("fwd_inplace",))]
 _GEMMA = [Case(GEMMA, "rope", ("fwd", "fwd+bwd"))]
 _GEMMA4 = [Case(GEMMA4_GLOBAL, "prope:0.25", ("fwd_inplace", "fwd"))]
@@ -306,6 +310,9 @@ def _make_fn(method, pass_, enc, x: _Inputs):
         def fwd():
             qo, ko = fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # rotates q and k in place
             return qo.transpose(1, 2), ko.transpose(1, 2)
+    elif method == "native_mul":
+        def fwd():
+            return q * 1.0, k * 1.0
     elif method == "flash_attn":
         fn = _flash()
         half = enc.rotary_dim // 2
@@ -498,13 +505,13 @@ def run(device: str = "cpu", shapes=None, dtypes=None, encodings=None, methods=N
                    "method": method, "us": None, "GB/s": None, "x_copy": None, "us_eager": None,
                    "x_copy_eager": None, "timing": None, "check": None}
             rows.append(row)
-            if skip[method]:
-                row["check"] = skip[method]
+            if skip[method] or (method == "native_mul" and not grad):
+                row["check"] = skip[method] or "fwd+bwd only"
                 continue
             try:
                 # 1. check against posenc on fresh inputs (each method gets its own clones: liger and the
                 #    in-place pass write into them). fwd+bwd compares the gradients.
-                if method == "copy":
+                if method in ("copy", "native_mul"):
                     row["check"] = "floor"
                 else:
                     if check_in is None:

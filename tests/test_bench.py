@@ -43,3 +43,13 @@ def test_cuda_rows_carry_graph_and_eager_times():
     for r in rows:
         if r["us"] is not None:
             assert r["us_eager"] > 0 and r["x_copy_eager"] > 0
+
+
+def test_native_mul_is_a_fwd_bwd_floor_only():
+    """The eager-autograd floor row: timed (and marked a floor, not checked against posenc) for fwd+bwd, and
+    skipped with its reason for the other passes, where it would only repeat the copy."""
+    rows = bench.run(device="cpu", shapes=[(1, 8, 2, 1, 16)], passes=["fwd+bwd", "fwd"], dtypes=["float32"],
+                     methods=["copy", "posenc", "native_mul"], warmup=0, iters=1)
+    mul = {r["pass"]: r for r in rows if r["method"] == "native_mul"}
+    assert mul["fwd+bwd"]["check"] == "floor" and mul["fwd+bwd"]["us"] > 0
+    assert mul["fwd"]["check"] == "fwd+bwd only" and mul["fwd"]["us"] is None
