@@ -45,3 +45,25 @@ def tiny_model(model_type, attn="eager", dtype=torch.float32, **overrides):
     config._attn_implementation = attn
     model = getattr(transformers, TINY[model_type][1])(config).to(dtype).eval()
     return model
+
+
+def spy_fused_calls(monkeypatch) -> list:
+    """Records each call a patched attention makes to posenc's fused op, as its rotated_pairs: through
+    apply_rotary, or straight to its short path (a None from that means the call went on to apply_rotary)."""
+    import posenc.hf.patching as patching
+    calls = []
+    original, original_fast = patching.apply_rotary, patching._fast_rotary
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("rotated_pairs"))
+        return original(*args, **kwargs)
+
+    def spy_fast(*args):
+        out = original_fast(*args)
+        if out is not None:
+            calls.append(args[8])
+        return out
+
+    monkeypatch.setattr(patching, "apply_rotary", spy)
+    monkeypatch.setattr(patching, "_fast_rotary", spy_fast)
+    return calls

@@ -3,11 +3,10 @@ adapter that saves and reloads onto a reloaded patched base model."""
 import pytest
 import torch
 
-from hf_tiny import tiny_model
+from hf_tiny import spy_fused_calls, tiny_model
 
 transformers = pytest.importorskip("transformers")
 import posenc  # noqa: E402
-import posenc.hf.patching as patching  # noqa: E402
 
 CASES = [("llama", "hope", dict(context_length=16)), ("gemma3_text", "prope", dict(p=0.5))]
 
@@ -29,9 +28,7 @@ def train(model, batch, steps, lr):
 
 @pytest.mark.parametrize("family,encoding,kwargs", CASES, ids=[c[0] for c in CASES])
 def test_plain_loop_loss_falls(family, encoding, kwargs, monkeypatch):
-    calls = []
-    original = patching.apply_rotary
-    monkeypatch.setattr(patching, "apply_rotary", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = spy_fused_calls(monkeypatch)
     model = posenc.patch(tiny_model(family), encoding, **kwargs)
     batch = torch.randint(3, 96, (4, 24))
     losses = train(model, batch, steps=12, lr=3e-3)

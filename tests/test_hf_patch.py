@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from hf_tiny import TINY, tiny_config, tiny_model
+from hf_tiny import TINY, spy_fused_calls, tiny_config, tiny_model
 
 transformers = pytest.importorskip("transformers")
 import posenc  # noqa: E402
@@ -32,15 +32,7 @@ def ids():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the calls the patched attention makes to posenc's fused op."""
-    calls = []
-    original = patching.apply_rotary
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("rotated_pairs"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(patching, "apply_rotary", spy)
-    return calls
+    return spy_fused_calls(monkeypatch)
 
 
 def logits(model, ids, **kwargs):

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..encodings import ENCODINGS, encoding_class, get_encoding, op_pairs_of, rotated_pairs_of
-from ..ops import apply_rotary
+from ..ops import _fast_rotary, apply_rotary
 from .families import FAMILIES, SUPPORTED, Family, family_of
 
 __all__ = ["patch", "unpatch", "is_patched", "current_patch", "register", "posenc_rope_init", "POSENC_ROPE_TYPE"]
@@ -248,6 +248,15 @@ def _compute_spec(config, key, params, layer_idx) -> _Spec | None:
 
 
 def _rotate(spec: _Spec, original, pair: bool, args, kwargs):
+    if pair and len(args) == 4 and not kwargs and spec.keep is None and spec.kernel:
+        # transformers' own call, apply_rotary_pos_emb(q, k, cos, sin) on bhsd tensors, straight to the op's
+        # short path: this runs for every layer and token, and eager decoding is bound by host time
+        q, k, cos, sin = args
+        if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(cos) is torch.Tensor and q.dim() == 4
+                and cos.dim() == 3 and cos.shape[-1] == q.shape[-1] and q.dtype == k.dtype):
+            out = _fast_rotary(q, k, cos, sin, None, None, 1.0, None, spec.rotated_pairs, False, "bhsd", False)
+            if out is not None:
+                return out
     names = ("q", "k", "cos", "sin", "unsqueeze_dim") if pair else ("x", "cos", "sin", "unsqueeze_dim")
     bound = dict(zip(names, args), **kwargs)
     cos, sin = bound["cos"], bound["sin"]
