@@ -226,7 +226,9 @@ def test_layer_indices_change_only_those_layers(family, kernel, ids):
         out = model(ids, output_hidden_states=True)
     for i in range(3):  # hidden_states[i] is the input of layer i
         assert torch.equal(out.hidden_states[i], ref.hidden_states[i]), i
-    assert (out.hidden_states[3] - ref.hidden_states[3]).abs().max() > 1e-4
+    # NoPE changes layer 2's output by ~1e-4 here (random weights of std 0.02: 9.1e-5 with torch 2.11 and
+    # transformers 5.17 for one seed); float32 rounding of the same map would differ by ~1e-8
+    assert (out.hidden_states[3] - ref.hidden_states[3]).abs().max() > 1e-6
     for name, buf in rotary_of(model).named_buffers():
         assert torch.equal(buf, buffers[name])
 
