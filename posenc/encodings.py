@@ -29,7 +29,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .frequencies import ROPE_TYPES, check_int, check_number, hope_keeps, prope_rotated_pairs, rope_frequencies
+from .frequencies import (LENGTH_DEPENDENT_TYPES, ROPE_TYPES, check_int, check_number, hope_keeps, prope_rotated_pairs,
+                          rope_frequencies)
 from .ops import MAX_HEAD_DIM, _fast_rotary, _positions_from_cu_seqlens, apply_rotary
 
 __all__ = ["Encoding", "RoPE", "PRoPE", "HoPE", "NoPE", "get_encoding", "encoding_class", "ENCODINGS",
@@ -146,7 +147,7 @@ class Encoding(nn.Module):
         # The op's arguments for `apply`'s common call, resolved once: buffer reads and properties cost
         # microseconds of host time per call in eager models. None for the rope types whose frequencies depend
         # on the positions.
-        self._op_args = None if self.rope_type in ("dynamic", "longrope") else (
+        self._op_args = None if self.rope_type in LENGTH_DEPENDENT_TYPES else (
             self.inv_freq64, self.attention_scale, self.rotary_dim, self.op_pairs, self.interleaved)
 
     def mask(self, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -185,7 +186,7 @@ class Encoding(nn.Module):
         """Masked float64 inverse frequencies in use for these positions: the buffer `inv_freq64`, or for
         the dynamic and longrope types, which depend on the largest position, computed with tensor ops on
         positions' device (traceable)."""
-        if self.rope_type not in ("dynamic", "longrope") or positions is None or positions.numel() == 0:
+        if self.rope_type not in LENGTH_DEPENDENT_TYPES or positions is None or positions.numel() == 0:
             return self.inv_freq64
         seq_len = positions.max().to(torch.float64) + 1
         inv, _ = self._frequencies(seq_len)
@@ -230,7 +231,7 @@ class Encoding(nn.Module):
         else:
             if q.device != self.inv_freq64.device and q.device.type != "meta":
                 self.to(q.device)  # frequencies follow the data (once, so CUDA graphs can capture the call)
-            if positions is None and self.rope_type in ("dynamic", "longrope"):
+            if positions is None and self.rope_type in LENGTH_DEPENDENT_TYPES:
                 positions = self._default_positions(q, layout, cu_seqlens)
             inv = self.frequencies(positions if isinstance(positions, torch.Tensor) else None)
             inv = inv.to(q.device)  # meta data: a meta copy for this call; the buffers keep their values

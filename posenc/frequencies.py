@@ -11,9 +11,11 @@ import numbers
 
 import torch
 
-__all__ = ["ROPE_TYPES", "ROPE_PARAMS", "rope_frequencies", "prope_rotated_pairs", "hope_keeps", "rotary_dim_of"]
+__all__ = ["ROPE_TYPES", "LENGTH_DEPENDENT_TYPES", "ROPE_PARAMS", "rope_frequencies", "prope_rotated_pairs", "hope_keeps", "rotary_dim_of"]
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
+# The rope types whose frequencies change with the sequence length (the largest position).
+LENGTH_DEPENDENT_TYPES = ("dynamic", "longrope")
 # The arguments each rope type reads (besides head_dim, base, partial_rotary_factor).
 ROPE_PARAMS = {
     "default": set(),

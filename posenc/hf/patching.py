@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..encodings import ENCODINGS, encoding_class, get_encoding, op_pairs_of, rotated_pairs_of
+from ..frequencies import LENGTH_DEPENDENT_TYPES
 from ..ops import _fast_rotary, apply_rotary
 from .families import FAMILIES, SUPPORTED, Family, family_of
 
@@ -51,8 +52,8 @@ __all__ = ["patch", "unpatch", "is_patched", "current_patch", "register", "posen
 
 POSENC_ROPE_TYPE = "posenc (pip install posenc and `import posenc` before from_pretrained)"
 _ROPE_TYPES = (POSENC_ROPE_TYPE, "posenc")  # the name, and the one checkpoints saved before it carry
-# Rope types whose frequencies change with the sequence length inside forward; not supported as a base.
-_UNSUPPORTED_BASE = ("dynamic", "longrope")
+# Rope types whose frequencies change with the sequence length inside forward are not supported as a base.
+_UNSUPPORTED_BASE = LENGTH_DEPENDENT_TYPES
 
 
 # ------------------------------------------------------------------------------------------ config helpers
@@ -248,20 +249,14 @@ def _compute_spec(config, key, params, layer_idx) -> _Spec | None:
 
 
 def _rotate(spec: _Spec, original, pair: bool, args, kwargs):
-    if pair and len(args) == 4 and not kwargs and spec.keep is None and spec.kernel:
-        # transformers' own call, apply_rotary_pos_emb(q, k, cos, sin) on bhsd tensors, straight to the op's
-        # short path: this runs for every layer and token, and eager decoding is bound by host time
-        q, k, cos, sin = args
-        if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(cos) is torch.Tensor and q.dim() == 4
-                and cos.dim() == 3 and cos.shape[-1] == q.shape[-1] and q.dtype == k.dtype):
-            out = _fast_rotary(q, k, cos, sin, None, None, 1.0, None, spec.rotated_pairs, False, "bhsd", False)
-            if out is not None:
-                return out
     names = ("q", "k", "cos", "sin", "unsqueeze_dim") if pair else ("x", "cos", "sin", "unsqueeze_dim")
-    bound = dict(zip(names, args), **kwargs)
-    cos, sin = bound["cos"], bound["sin"]
-    unsqueeze_dim = bound.get("unsqueeze_dim", 1)
-    tensors = [bound[n] for n in names[:-3]] + [cos, sin]
+    if not kwargs and len(args) == len(names) - 1:  # transformers' own call, (q, k, cos, sin) or (x, cos, sin):
+        tensors, unsqueeze_dim = list(args), 1       # no binding (every layer and token pays this function)
+    else:
+        bound = dict(zip(names, args), **kwargs)
+        unsqueeze_dim = bound.get("unsqueeze_dim", 1)
+        tensors = [bound[n] for n in names[:-1]]
+    cos, sin = tensors[-2], tensors[-1]
     if spec.keep is not None:
         if cos.shape[-1] != 2 * spec.keep.numel():
             raise ValueError(f"posenc: cos/sin tables have {cos.shape[-1]} channels, expected {2 * spec.keep.numel()}")
@@ -270,7 +265,7 @@ def _rotate(spec: _Spec, original, pair: bool, args, kwargs):
         cos, sin = torch.where(keep, cos, frozen), torch.where(keep, sin, torch.zeros_like(frozen))
     x = tensors[0]
     usable = (spec.kernel and unsqueeze_dim in (1, 2) and cos.dim() == 3 and x.dim() == 4
-              and cos.shape[-1] == x.shape[-1] and all(t.dtype == x.dtype for t in tensors[:-2]))
+              and cos.shape[-1] == x.shape[-1] and (not pair or tensors[1].dtype == x.dtype))
     if not usable:
         return original(*tensors[:-2], cos, sin, unsqueeze_dim=unsqueeze_dim)
     layout = "bhsd" if unsqueeze_dim == 1 else "bshd"
@@ -278,7 +273,10 @@ def _rotate(spec: _Spec, original, pair: bool, args, kwargs):
         k = tensors[1]
     else:  # one tensor a call (Gemma 4): a zero-head partner
         k = x[:, :0] if layout == "bhsd" else x[:, :, :0]
-    q_out, k_out = apply_rotary(x, k, cos, sin, rotated_pairs=spec.rotated_pairs, layout=layout)
+    # the op's short path first (host time: eager decoding is bound by it), apply_rotary where it declines
+    out = _fast_rotary(x, k, cos, sin, None, None, 1.0, None, spec.rotated_pairs, False, layout, False)
+    q_out, k_out = out if out is not None else apply_rotary(x, k, cos, sin, rotated_pairs=spec.rotated_pairs,
+                                                            layout=layout)
     return (q_out, k_out) if pair else q_out
 
 
