@@ -132,17 +132,23 @@ inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
                                               : (inter ? 2 * n < in.rotary_dim : n < half) &&
                                                     4 * L.n_stride < per_token);
   // Aim for >= 4 blocks per multiprocessor when the problem allows it, but >= 64 units per block (fewer leave
-  // latency unhidden when decoding), and up to `units_per_thread` units per thread: in place with pairs that do
-  // not rotate 4 (the device's figure, where it is larger, was slower there), the pipelined kernels at least 6.
+  // latency unhidden when decoding), and up to `units_per_thread` units per thread: the device's figure where
+  // cos/sin are a large share of the work (>= 1 element per 4 units: larger blocks share them), at least 6 in
+  // the pipelined kernels out of place; otherwise small blocks, a token of Llama's heads: 2 units a thread in
+  // place with pairs that do not rotate, 3 elsewhere.
   const int64_t total = L.tokens * per_token;
-  const int units_per_thread = in.inplace && n < half ? 4
-                               : pipelined            ? std::max(6, dev.units_per_thread)
-                                                      : dev.units_per_thread;
+  const bool cos_sin_heavy = 4 * L.n_stride >= per_token;
+  const int units_per_thread = cos_sin_heavy                  ? dev.units_per_thread
+                               : pipelined && !in.inplace     ? std::max(6, dev.units_per_thread)
+                               : in.inplace && n < half       ? 2
+                                                              : 3;
   const int64_t target = std::min<int64_t>(units_per_thread * kThreads,
                                            std::max<int64_t>(64, total / (4 * dev.multiprocessors)));
   const size_t acc = static_cast<size_t>(in.arithmetic_bytes);
-  const int max_tokens_smem =
-      std::max(1, static_cast<int>(kSharedBudget / (6 * sizeof(int64_t) + 2 * acc * std::max(1, L.n_stride))));
+  // a token's bytes of shared memory: its head rows' two addresses, position, cos/sin row and row index
+  const size_t token_bytes = 2 * sizeof(void*) * h_total + sizeof(int64_t) + sizeof(int) +
+                             2 * acc * std::max(1, L.n_stride);
+  const int max_tokens_smem = std::max(1, static_cast<int>(kSharedBudget / token_bytes));
   int splits = 1;
   if (per_token <= target) {
     L.tokens_per_block = static_cast<int>(
@@ -162,8 +168,8 @@ inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
   // blocks take tokens in (seq, batch) order, so that the batch rows of one position share its cos/sin, and a
   // whole number of positions when they hold at least one. Where cos/sin are a small share, the four streams
   // of rows at once (instead of one) cost more than the cos/sin saved.
-  L.seq_major = unit && !L.pipeline && in.shared_positions && in.batch > 1 &&
-                L.tokens_per_block > 1 && 4 * L.n_stride >= per_token;
+  L.seq_major = unit && !L.pipeline && in.shared_positions && in.batch > 1 && L.tokens_per_block > 1 &&
+                cos_sin_heavy;
   if (L.seq_major && L.tokens_per_block >= in.batch) {
     const int64_t rounded = (L.tokens_per_block + in.batch / 2) / in.batch * in.batch;
     L.tokens_per_block =
@@ -176,9 +182,11 @@ inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
   L.threads = static_cast<int>(std::min<int64_t>(kThreads, (units_per_block + 31) / 32 * 32));
   L.token_blocks = (L.tokens + L.tokens_per_block - 1) / L.tokens_per_block;
   L.head_blocks = splits;
-  // offsets [T][4] and cos/sin rows (int64, Acc), positions [T rounded up to even] (int64), row indices [T] (int)
-  L.shared_bytes = L.tokens_per_block * (4 * sizeof(int64_t) + sizeof(int)) +
-                   (L.tokens_per_block + 1) / 2 * 2 * sizeof(int64_t) + 2 * acc * L.cos_rows * L.n_stride;
+  // head rows' addresses [T * heads_per_block][2], positions [T rounded up to even] (int64), cos/sin rows
+  // [cos_rows][n_stride] (Acc), row indices [T] (int)
+  L.shared_bytes = static_cast<size_t>(L.tokens_per_block) * L.heads_per_block * 2 * sizeof(void*) +
+                   (L.tokens_per_block + 1) / 2 * 2 * sizeof(int64_t) + 2 * acc * L.cos_rows * L.n_stride +
+                   L.tokens_per_block * sizeof(int);
   L.kernel = L.pipeline ? KernelKind::kPipelined : L.seq_major ? KernelKind::kSeqMajor : KernelKind::kPlain;
   return L;
 }

@@ -5,8 +5,8 @@
 // positions and cos/sin is a large part of the work, so that a block computes cos/sin once per position.
 //  0. Each thread first issues the loads of its first unit, so that their latency overlaps step 1 rather
 //     than following the barrier (blocks are short-lived, so that latency is a large share of their time).
-//  1. The block's positions and per-token row offsets of the four tensors (q/k in/out) go to shared memory,
-//     one token per thread (so no 64-bit division is left for the hot loop, and each position is loaded
+//  1. The block's positions and the addresses of its head rows (input and output) go to shared memory,
+//     one token or row per thread (so no 64-bit division is left for the hot loop, and each position is loaded
 //     once); then cos/sin of those tokens (float32; float64 for float64 data), as rotary.h defines them:
 //     table lookup, or position * inv_freq reduced mod 2*pi in float64 followed by an accurate sincos (this
 //     file is built without --use_fast_math, so no __sincosf).
@@ -26,6 +26,8 @@
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -33,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "launch_plan.h"
 #include "rotary_op.h"
@@ -40,76 +43,138 @@
 namespace posenc {
 namespace {
 
+// The scalar path's W channels (any channel stride): W elements.
 template <typename T, int W>
 struct alignas(sizeof(T) * W > 16 ? 16 : sizeof(T) * W) Vec {
   T v[W];
 };
 
-// W consecutive channels starting at channel `ch` of a row: one vector access when kUnit (unit channel
-// stride, alignment checked on the host), W strided scalar accesses otherwise.
-template <int W, bool kUnit, typename T>
+template <int W, typename T>
 __device__ __forceinline__ Vec<T, W> load(const T* row, int ch, int64_t cs) {
-  if constexpr (kUnit) {
-    return *reinterpret_cast<const Vec<T, W>*>(row + ch);
-  } else {
-    Vec<T, W> r;
+  Vec<T, W> r;
 #pragma unroll
-    for (int e = 0; e < W; ++e) r.v[e] = row[(ch + e) * cs];
-    return r;
-  }
+  for (int e = 0; e < W; ++e) r.v[e] = row[(ch + e) * cs];
+  return r;
 }
 
-template <int W, bool kUnit, typename T>
+template <int W, typename T>
 __device__ __forceinline__ void store(T* row, int ch, int64_t cs, const Vec<T, W>& x) {
-  if constexpr (kUnit) {
-    *reinterpret_cast<Vec<T, W>*>(row + ch) = x;
+#pragma unroll
+  for (int e = 0; e < W; ++e) row[(ch + e) * cs] = x.v[e];
+}
+
+// The fast path's 16 bytes (unit channel stride, alignment checked on the host), as four 32-bit words: the
+// elements of 2-byte types are taken from and put into their half of a word directly (as 16-bit values they
+// cost an extraction each way). Global accesses: the rows' addresses come from shared memory, where the
+// compiler no longer knows that they point at global memory. Volatile: in program order, as plain accesses
+// through pointers that may alias.
+struct Words {
+  uint32_t w[4];
+};
+
+__device__ __forceinline__ Words load_words(const void* at) {
+  Words x;
+  asm volatile("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(x.w[0]), "=r"(x.w[1]), "=r"(x.w[2]), "=r"(x.w[3])
+               : "l"(at));
+  return x;
+}
+
+__device__ __forceinline__ void store_words(void* at, const Words& x) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(at), "r"(x.w[0]), "r"(x.w[1]), "r"(x.w[2]),
+               "r"(x.w[3])
+               : "memory");
+}
+
+// Element e of a unit's vector, in the arithmetic type (exactly).
+template <typename T, typename Acc, int W>
+__device__ __forceinline__ Acc element(const Vec<T, W>& x, int e) {
+  return static_cast<Acc>(x.v[e]);
+}
+template <typename T, typename Acc>
+__device__ __forceinline__ Acc element(const Words& x, int e) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t w = x.w[e / 2];
+    return __uint_as_float(e % 2 ? w & 0xffff0000u : w << 16);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    const uint32_t w = x.w[e / 2];
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(e % 2 ? w >> 16 : w & 0xffffu)));
+  } else if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(x.w[e]);
   } else {
-#pragma unroll
-    for (int e = 0; e < W; ++e) row[(ch + e) * cs] = x.v[e];
+    return __hiloint2double(static_cast<int>(x.w[2 * e + 1]), static_cast<int>(x.w[2 * e]));
   }
 }
 
-// Half-split: pairs ch..ch+W-1, i.e. channels [ch, ch+W) and [ch+h, ch+h+W). The first `cnt` pairs rotate,
-// the rest are copied (cnt == W: all rotate). cs/sn point at the token's cos/sin row in shared memory.
-template <int W, bool kUnit, typename T, typename Acc>
-__device__ __forceinline__ void rotate_half(const T* in, int64_t ics, T* out, int64_t ocs, int ch, int h,
-                                            const Acc* cs, const Acc* sn, int cnt, bool pre,
-                                            const Vec<T, W>& pa, const Vec<T, W>& pb) {
-  const Vec<T, W> a = pre ? pa : load<W, kUnit>(in, ch, ics);
-  const Vec<T, W> b = pre ? pb : load<W, kUnit>(in, ch + h, ics);
-  const Vec<Acc, W> c = *reinterpret_cast<const Vec<Acc, W>*>(cs + ch);
-  const Vec<Acc, W> s = *reinterpret_cast<const Vec<Acc, W>*>(sn + ch);
-  Vec<T, W> oa, ob;
-#pragma unroll
-  for (int e = 0; e < W; ++e) {
-    const Acc x1 = static_cast<Acc>(a.v[e]), x2 = static_cast<Acc>(b.v[e]);
-    const T r1 = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
-    const T r2 = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
-    oa.v[e] = e < cnt ? r1 : a.v[e];
-    ob.v[e] = e < cnt ? r2 : b.v[e];
-  }
-  store<W, kUnit>(out, ch, ocs, oa);
-  store<W, kUnit>(out, ch + h, ocs, ob);
-}
-
-// Interleaved: channels [ch, ch+W) (ch even), pairs ch/2 .. ch/2 + W/2 - 1; the first `cnt` pairs rotate.
-template <int W, bool kUnit, typename T, typename Acc>
-__device__ __forceinline__ void rotate_inter(const T* in, int64_t ics, T* out, int64_t ocs, int ch,
-                                             const Acc* cs, const Acc* sn, int cnt, bool pre,
-                                             const Vec<T, W>& pa) {
-  const Vec<T, W> a = pre ? pa : load<W, kUnit>(in, ch, ics);
-  const Vec<Acc, W / 2> c = *reinterpret_cast<const Vec<Acc, W / 2>*>(cs + ch / 2);
-  const Vec<Acc, W / 2> s = *reinterpret_cast<const Vec<Acc, W / 2>*>(sn + ch / 2);
+// The vector holding r[e] (rounded to T, to nearest even, as c10's conversions do) for e < cnt and x's
+// elements, bit for bit, for the others.
+template <typename T, typename Acc, int W>
+__device__ __forceinline__ Vec<T, W> with_rotated(const Acc (&r)[W], const Vec<T, W>& x, int cnt) {
   Vec<T, W> o;
 #pragma unroll
-  for (int e = 0; e < W / 2; ++e) {
-    const Acc x1 = static_cast<Acc>(a.v[2 * e]), x2 = static_cast<Acc>(a.v[2 * e + 1]);
-    const T r1 = static_cast<T>(x1 * c.v[e] - x2 * s.v[e]);
-    const T r2 = static_cast<T>(x2 * c.v[e] + x1 * s.v[e]);
-    o.v[2 * e] = e < cnt ? r1 : a.v[2 * e];
-    o.v[2 * e + 1] = e < cnt ? r2 : a.v[2 * e + 1];
+  for (int e = 0; e < W; ++e) o.v[e] = e < cnt ? static_cast<T>(r[e]) : x.v[e];
+  return o;
+}
+template <typename T, typename Acc, int W>
+__device__ __forceinline__ Words with_rotated(const Acc (&r)[W], const Words& x, int cnt) {
+  Words o;
+  if constexpr (sizeof(T) == 2) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t v;
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(r[2 * j], r[2 * j + 1]);
+        memcpy(&v, &h, sizeof v);
+      } else {
+        const __half2 h = __floats2half2_rn(r[2 * j], r[2 * j + 1]);
+        memcpy(&v, &h, sizeof v);
+      }
+      const uint32_t keep = (2 * j < cnt ? 0u : 0xffffu) | (2 * j + 1 < cnt ? 0u : 0xffff0000u);
+      o.w[j] = (v & ~keep) | (x.w[j] & keep);
+    }
+  } else if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o.w[j] = j < cnt ? __float_as_uint(r[j]) : x.w[j];
+  } else {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      o.w[2 * e] = e < cnt ? static_cast<uint32_t>(__double2loint(r[e])) : x.w[2 * e];
+      o.w[2 * e + 1] = e < cnt ? static_cast<uint32_t>(__double2hiint(r[e])) : x.w[2 * e + 1];
+    }
   }
-  store<W, kUnit>(out, ch, ocs, o);
+  return o;
+}
+
+// Half-split: a and b hold pairs ch..ch+W-1 (channels [ch, ch+W) and [ch+h, ch+h+W)); the first `cnt` rotate,
+// the others keep their values (cnt == W: all rotate). cs/sn point at the token's cos/sin row in shared memory.
+template <typename T, int W, typename Acc, typename C>
+__device__ __forceinline__ void rotate_half(C& a, C& b, int ch, const Acc* cs, const Acc* sn, int cnt) {
+  const Vec<Acc, W> c = *reinterpret_cast<const Vec<Acc, W>*>(cs + ch);
+  const Vec<Acc, W> s = *reinterpret_cast<const Vec<Acc, W>*>(sn + ch);
+  Acc r1[W], r2[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) {
+    const Acc x1 = element<T, Acc>(a, e), x2 = element<T, Acc>(b, e);
+    r1[e] = x1 * c.v[e] - x2 * s.v[e];
+    r2[e] = x2 * c.v[e] + x1 * s.v[e];
+  }
+  a = with_rotated<T>(r1, a, cnt);
+  b = with_rotated<T>(r2, b, cnt);
+}
+
+// Interleaved: a holds channels [ch, ch+W) (ch even), pairs ch/2 .. ch/2 + W/2 - 1; the first `cnt` rotate.
+template <typename T, int W, typename Acc, typename C>
+__device__ __forceinline__ void rotate_inter(C& a, int ch, const Acc* cs, const Acc* sn, int cnt) {
+  const Vec<Acc, W / 2> c = *reinterpret_cast<const Vec<Acc, W / 2>*>(cs + ch / 2);
+  const Vec<Acc, W / 2> s = *reinterpret_cast<const Vec<Acc, W / 2>*>(sn + ch / 2);
+  Acc r[W];
+#pragma unroll
+  for (int e = 0; e < W / 2; ++e) {
+    const Acc x1 = element<T, Acc>(a, 2 * e), x2 = element<T, Acc>(a, 2 * e + 1);
+    r[2 * e] = x1 * c.v[e] - x2 * s.v[e];
+    r[2 * e + 1] = x2 * c.v[e] + x1 * s.v[e];
+  }
+  a = with_rotated<T>(r, a, 2 * cnt);
 }
 
 // n / d for 0 <= n < 2^31 by a multiply-high and a shift, d fixed per launch (Granlund-Montgomery, as in
@@ -159,11 +224,17 @@ struct RotaryBlock {
   static_assert(!(kSeqMajor && (kPipe || !kUnit)), "seq-major blocks only on the fast path");
   // A half-split unit spans W pairs; an interleaved one W channels (W/2 pairs).
   static constexpr int W = kUnit ? V : (kInter ? 2 : 1);
-  using Chunk = Vec<T, W>;
+  using Chunk = std::conditional_t<kUnit, Words, Vec<T, W>>;
+
+  // A head row of the block: where its input and its output start
+  struct Row {
+    const T* in;
+    T* out;
+  };
 
   const RotaryParams& p;
   const LaunchShape& L;
-  int64_t* offs;   // [T][4]: q_in, k_in, q_out, k_out row offsets
+  Row* rows_s;     // [T * heads_per_block]: row r = t * h_count + (head - h_begin)
   int64_t* pos_s;  // [T] positions (room for an even count: alignment)
   Acc* cos_s;      // [cos_rows][n_stride]
   Acc* sin_s;
@@ -173,8 +244,8 @@ struct RotaryBlock {
 
   __device__ __forceinline__ RotaryBlock(const RotaryParams& p_, const LaunchShape& L_, unsigned char* smem)
       : p(p_), L(L_) {
-    offs = reinterpret_cast<int64_t*>(smem);
-    pos_s = offs + 4 * L.tokens_per_block;
+    rows_s = reinterpret_cast<Row*>(smem);
+    pos_s = reinterpret_cast<int64_t*>(rows_s + L.tokens_per_block * L.heads_per_block);
     cos_s = reinterpret_cast<Acc*>(pos_s + (L.tokens_per_block + 1) / 2 * 2);
     sin_s = cos_s + L.cos_rows * L.n_stride;
     row_s = reinterpret_cast<int*>(sin_s + L.cos_rows * L.n_stride);
@@ -211,34 +282,42 @@ struct RotaryBlock {
   __device__ __forceinline__ bool early(int u) const {
     return u < units && u - L.by_units_per_head(u) * uph < L.rot_units;
   }
-  // Unit u of the block: its chunk, token (in the block) and head (q heads, then k heads)
-  __device__ __forceinline__ void locate(int u, int& chunk, int& t, int& head) const {
-    const int r = L.by_units_per_head(u);
-    chunk = u - r * uph;
+  // Row r of the block: its token (in the block) and head (q heads, then k heads)
+  __device__ __forceinline__ void locate_row(int r, int& t, int& head) const {
     t = L.by_heads_per_block(r);  // r / h_count: the two differ only where blocks hold one token (t = 0)
     head = h_begin + (r - t * h_count);
   }
-  // The input row of a head of the block's token t (its row offsets are in shared memory after phase 1)
-  __device__ __forceinline__ const T* in_row(int t, int head) const {
-    const bool is_q = head < hq;
-    return static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) + offs[4 * t + (is_q ? 0 : 1)] +
-           (is_q ? head : head - hq) * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
+  // W channels of a row from channel ch (cs: the channel stride, 1 on the fast path)
+  __device__ __forceinline__ Chunk load_chunk(const T* row, int ch, int64_t cs) const {
+    if constexpr (kUnit) {
+      return load_words(row + ch);
+    } else {
+      return load<W>(row, ch, cs);
+    }
+  }
+  __device__ __forceinline__ void store_chunk(T* row, int ch, int64_t cs, const Chunk& x) const {
+    if constexpr (kUnit) {
+      store_words(row + ch, x);
+    } else {
+      store<W>(row, ch, cs, x);
+    }
   }
   // The two vectors of unit `chunk` of a row (one when interleaved)
   __device__ __forceinline__ void load_unit(const T* in, int chunk, Chunk& a, Chunk& b) const {
-    a = load<W, true>(in, chunk * W, 1);
-    if constexpr (!kInter) b = load<W, true>(in, chunk * W + half, 1);
+    a = load_chunk(in, chunk * W, 1);
+    if constexpr (!kInter) b = load_chunk(in, chunk * W + half, 1);
   }
 
   // ---- 0. the thread's first unit, when it is a unit within rotary_dim (fast path): loaded now, so
-  // that the latency of these loads overlaps phase 1 instead of following it. Its row offset is not in shared
+  // that the latency of these loads overlaps phase 1 instead of following it. Its row address is not in shared
   // memory yet, hence computed here. Returns whether it loaded.
   __device__ __forceinline__ bool load_first_unit(Chunk& a, Chunk& b) const {
     if constexpr (kUnit) {
       const int u = threadIdx.x;
       if (L.prefetch && early(u)) {
-        int chunk, t, head;
-        locate(u, chunk, t, head);
+        const int r = L.by_units_per_head(u), chunk = u - r * uph;
+        int t, head;
+        locate_row(r, t, head);
         const bool is_q = head < hq;
         int64_t bt, sq;
         split(tok0 + t, bt, sq);
@@ -253,10 +332,11 @@ struct RotaryBlock {
     return false;
   }
 
-  // ---- 1. per-token positions and row offsets, then cos/sin, once per block (two steps, a barrier after
-  // each). The positions go through shared memory so that each is loaded from global memory once, by one
-  // thread, all in parallel (loading it for every cos/sin element put several global-memory latencies in a
-  // row before the barrier).
+  // ---- 1. per-token positions and the head rows' addresses, then cos/sin, once per block (two steps, a
+  // barrier after each). The positions go through shared memory so that each is loaded from global memory
+  // once, by one thread, all in parallel (loading it for every cos/sin element put several global-memory
+  // latencies in a row before the barrier). The rows' addresses are formed once a row rather than once a
+  // unit: phase 2 issues instructions on most cycles, and they were about half of a unit's.
   // The frequency of the thread's first cos/sin element, loaded before the positions rather than after their
   // barrier (its latency was then on the way to the first rotation); pair -1: none.
   struct Frequency {
@@ -278,19 +358,39 @@ struct RotaryBlock {
   __device__ __forceinline__ int64_t first_position() const { return kSeqMajor ? tok0 / p.batch : 0; }
   __device__ __forceinline__ void stage_tokens() const {
     const int64_t s_first = first_position();
-    for (int t = threadIdx.x; t < T_here; t += blockDim.x) {
-      int64_t b, s;
-      split(tok0 + t, b, s);
-      if constexpr (!kSeqMajor) {
-        pos_s[t] = p.positions[b * p.pos_stride[0] + s * p.pos_stride[1]];
-      } else {
-        row_s[t] = static_cast<int>(s - s_first);
-        if (t == 0 || b == 0) pos_s[s - s_first] = p.positions[s * p.pos_stride[1]];
+    const int rows = T_here * h_count;
+    for (int i = threadIdx.x; i < max(T_here, rows); i += blockDim.x) {
+      // Token i's position is loaded first and stored last, so that its latency overlaps row i's addresses
+      // (decoding, where blocks are few and short, waits for both otherwise).
+      int64_t pos = 0;
+      int pos_at = -1;
+      if (i < T_here) {
+        int64_t b, s;
+        split(tok0 + i, b, s);
+        if constexpr (!kSeqMajor) {
+          pos = p.positions[b * p.pos_stride[0] + s * p.pos_stride[1]];
+          pos_at = i;
+        } else {
+          row_s[i] = static_cast<int>(s - s_first);
+          if (i == 0 || b == 0) {
+            pos = p.positions[s * p.pos_stride[1]];
+            pos_at = static_cast<int>(s - s_first);
+          }
+        }
       }
-      offs[4 * t + 0] = b * p.q_in.stride[0] + s * p.q_in.stride[1];
-      offs[4 * t + 1] = b * p.k_in.stride[0] + s * p.k_in.stride[1];
-      offs[4 * t + 2] = b * p.q_out.stride[0] + s * p.q_out.stride[1];
-      offs[4 * t + 3] = b * p.k_out.stride[0] + s * p.k_out.stride[1];
+      if (i < rows) {
+        int t, head;
+        locate_row(i, t, head);
+        int64_t b, s;
+        split(tok0 + t, b, s);
+        const bool is_q = head < hq;
+        const RotaryTensor& x = is_q ? p.q_in : p.k_in;
+        const RotaryTensor& y = is_q ? p.q_out : p.k_out;
+        const int64_t hd = is_q ? head : head - hq;
+        rows_s[i] = {static_cast<const T*>(x.data) + b * x.stride[0] + s * x.stride[1] + hd * x.stride[2],
+                     static_cast<T*>(y.data) + b * y.stride[0] + s * y.stride[1] + hd * y.stride[2]};
+      }
+      if (pos_at >= 0) pos_s[pos_at] = pos;
     }
   }
   __device__ __forceinline__ void stage_cos_sin(Frequency f) const {
@@ -319,16 +419,15 @@ struct RotaryBlock {
   }
 
   // ---- 2. rotate (or copy) unit u of the block's tokens x heads. have: the unit's vectors are pa/pb already.
-  __device__ __forceinline__ void rotate_unit(int u, bool have, const Chunk& pa, const Chunk& pb) const {
+  __device__ __forceinline__ void rotate_unit(int u, bool have, Chunk& a, Chunk& b) const {
     const int r = L.by_units_per_head(u);
     const int chunk = u - r * uph;
-    const int t = L.by_heads_per_block(r);
-    const int head = h_begin + (r - t * h_count);
-    const bool is_q = head < hq;
-    const int hd = is_q ? head : head - hq;
-    const T* in = in_row(t, head);
-    T* out = static_cast<T*>(is_q ? p.q_out.data : p.k_out.data) + offs[4 * t + (is_q ? 2 : 3)] +
-             hd * (is_q ? p.q_out.stride[2] : p.k_out.stride[2]);
+    int t, head;
+    locate_row(r, t, head);
+    const Row rw = rows_s[r];
+    const T* in = rw.in;
+    T* out = rw.out;
+    const bool is_q = head < hq;  // (the channel strides of the scalar path)
     const int64_t ics = kUnit ? 1 : (is_q ? p.q_in.stride[3] : p.k_in.stride[3]);
     const int64_t ocs = kUnit ? 1 : (is_q ? p.q_out.stride[3] : p.k_out.stride[3]);
     const int row = kSeqMajor ? row_s[t] : t;
@@ -341,26 +440,30 @@ struct RotaryBlock {
       // others are copied out of place, written back unchanged in place) or none (out of place only)
       const int cnt = max(0, min(n - (kInter ? ch / 2 : ch), kInter ? W / 2 : W));
       const bool whole_units = n % (kInter ? W / 2 : W) == 0;  // every rotating unit rotates all its pairs
+      if (!have) {  // loaded into the registers of the prefetched vectors: no choice between the two later
+        a = load_chunk(in, ch, ics);
+        if constexpr (!kInter) b = load_chunk(in, ch + half, ics);
+      }
       if (cnt == 0) {  // a copy (cos/sin rows hold only the rotating pairs)
-        store<W, kUnit>(out, ch, ocs, have ? pa : load<W, kUnit>(in, ch, ics));
-        if constexpr (!kInter) store<W, kUnit>(out, ch + half, ocs, have ? pb : load<W, kUnit>(in, ch + half, ics));
       } else if constexpr (kInter) {
         if (cnt == W / 2 && whole_units) {  // every pair rotates (see below)
-          rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, W / 2, have, pa);
+          rotate_inter<T, W>(a, ch, cs, sn, W / 2);
         } else {
-          rotate_inter<W, kUnit>(in, ics, out, ocs, ch, cs, sn, cnt, have, pa);
+          rotate_inter<T, W>(a, ch, cs, sn, cnt);
         }
       } else if (cnt == W && whole_units) {
         // Every pair of the unit rotates: with the count a constant, the per-element choice between rotated and
         // copied values disappears, 16 selects per unit. Only where every rotating unit is whole: otherwise the
         // lanes of a warp holding the last unit of a head would take the other path, and the warp both.
-        rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, W, have, pa, pb);
+        rotate_half<T, W>(a, b, ch, cs, sn, W);
       } else {
-        rotate_half<W, kUnit>(in, ics, out, ocs, ch, half, cs, sn, cnt, have, pa, pb);
+        rotate_half<T, W>(a, b, ch, cs, sn, cnt);
       }
+      store_chunk(out, ch, ocs, a);
+      if constexpr (!kInter) store_chunk(out, ch + half, ocs, b);
     } else {  // out of place, half-split: channels past rotary_dim
       const int ch = p.rotary_dim + (chunk - L.rot_units) * W;
-      store<W, kUnit>(out, ch, ocs, load<W, kUnit>(in, ch, ics));
+      store_chunk(out, ch, ocs, load_chunk(in, ch, ics));
     }
   }
 };
@@ -389,9 +492,8 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p, 
     if constexpr (kPipe) {
       const int un = u + blockDim.x;
       if (blk.early(un)) {
-        int c2, t2, head2;
-        blk.locate(un, c2, t2, head2);
-        blk.load_unit(blk.in_row(t2, head2), c2, na, nb);
+        const int r2 = blk.L.by_units_per_head(un);
+        blk.load_unit(blk.rows_s[r2].in, un - r2 * blk.uph, na, nb);
         pre = true;
       }
     }

@@ -133,55 +133,61 @@ def test_device_plan_by_hand(lib):
 # Worked out by hand from the rules in launch_plan.h (bf16/fp16: V = 8 channels per 16-byte access).
 HAND = [
     # Llama-like prefill slice: 3 heads x 8 units a token; target min(4*128, max(64, 96 / 528)) = 64 units a
-    # block -> 2 tokens; 48 units -> 64 threads; smem 2*(4*8+4) + 2*8 + 2*4*2*64 = 1112
+    # block -> 2 tokens; 48 units -> 64 threads; smem 2*3*16 + 2*8 + 2*4*2*64 + 2*4 = 1144
     (dict(batch=1, seq=4, hq=2, hk=1, D=128, rotary_dim=128, pairs=64),
      dict(kernel="plain", vector=8, tokens=4, tokens_per_block=2, heads_per_block=3, units_per_head=8, rot_units=8,
           n_stride=64, cos_rows=2, seq_major=False, prefetch=True, pipeline=False, threads=64, token_blocks=2,
-          head_blocks=1, shared_bytes=1112)),
+          head_blocks=1, shared_bytes=1144)),
     # decoding, 72 heads: 576 units a token over a target of 64 -> 9 blocks of 8 heads, no prefetch;
-    # smem 36 + 16 + 2*4*64 = 564
+    # smem 8*16 + 16 + 2*4*64 + 4 = 660
     (dict(batch=1, seq=1, hq=64, hk=8, D=128, rotary_dim=128, pairs=64),
      dict(kernel="plain", vector=8, tokens=1, tokens_per_block=1, heads_per_block=8, units_per_head=8, rot_units=8,
           n_stride=64, cos_rows=1, seq_major=False, prefetch=False, pipeline=False, threads=64, token_blocks=1,
-          head_blocks=9, shared_bytes=564)),
+          head_blocks=9, shared_bytes=660)),
     # in place, 5 rotated pairs of a 16-channel head: one unit (8 pairs, 3 written back unchanged) a head;
-    # not pipelined: 4 * 8 cos/sin elements a token for 2 units; smem 6*36 + 6*8 + 2*4*6*8 = 648
+    # not pipelined: 4 * 8 cos/sin elements a token for 2 units; smem 6*2*16 + 6*8 + 2*4*6*8 + 6*4 = 648
     (dict(batch=2, seq=3, hq=1, hk=1, D=16, rotary_dim=16, pairs=5, dtype="float16", inplace=True),
      dict(kernel="plain", vector=8, tokens=6, tokens_per_block=6, heads_per_block=2, units_per_head=1, rot_units=1,
           n_stride=8, cos_rows=6, seq_major=False, prefetch=True, pipeline=False, threads=32, token_blocks=1,
           head_blocks=1, shared_bytes=648)),
     # HoPE-like in place (46 of 64 pairs): 6 units a head, the last with 6 rotating pairs; 40 heads -> 240 units
-    # a token > 4 * 48 cos/sin elements: pipelined; target min(4*128, max(64, 240*8/4)) = 480 -> 2 tokens;
-    # smem 2*36 + 16 + 2*4*2*48 = 856
+    # a token > 4 * 48 cos/sin elements: pipelined, and 2 units a thread (in place, pairs that do not rotate, cos/sin
+    # a small share): target min(2*128, max(64, 240*8/4)) = 256 -> 1 token; smem 40*16 + 16 + 2*4*48 + 4 = 1044
     (dict(batch=1, seq=8, hq=32, hk=8, D=128, rotary_dim=128, pairs=46, inplace=True, sms=1),
-     dict(kernel="pipelined", vector=8, tokens=8, tokens_per_block=2, heads_per_block=40, units_per_head=6,
-          rot_units=6, n_stride=48, cos_rows=2, seq_major=False, prefetch=True, pipeline=True, threads=128,
-          token_blocks=4, head_blocks=1, shared_bytes=856)),
+     dict(kernel="pipelined", vector=8, tokens=8, tokens_per_block=1, heads_per_block=40, units_per_head=6,
+          rot_units=6, n_stride=48, cos_rows=1, seq_major=False, prefetch=True, pipeline=True, threads=128,
+          token_blocks=8, head_blocks=1, shared_bytes=1044)),
+    # Llama-8B heads out of place: 320 units a token, 64 cos/sin elements (a small share): 3 units a thread,
+    # target min(3*128, max(64, 64*320/4)) = 384 -> 1 token, 128 threads; smem 40*16 + 16 + 2*4*64 + 4 = 1172
+    (dict(batch=1, seq=64, hq=32, hk=8, D=128, rotary_dim=128, pairs=64, sms=1, units_per_thread=6),
+     dict(kernel="plain", vector=8, tokens=64, tokens_per_block=1, heads_per_block=40, units_per_head=8,
+          rot_units=8, n_stride=64, cos_rows=1, seq_major=False, prefetch=True, pipeline=False, threads=128,
+          token_blocks=64, head_blocks=1, shared_bytes=1172)),
     # Gemma-like, shared positions, one multiprocessor: 144 units a token, target 768 -> 5 tokens, rounded
-    # to the 4 batch rows of one position; cos/sin rows min(4, (4+4-2)/4 + 1) = 2; smem 144 + 32 + 2*4*2*128
+    # to the 4 batch rows of one position; cos/sin rows min(4, (4+4-2)/4 + 1) = 2; smem 4*9*16 + 32 + 2*4*2*128 + 16
     (dict(batch=4, seq=8, hq=8, hk=1, D=256, rotary_dim=256, pairs=128, shared_positions=True, sms=1,
           units_per_thread=6),
      dict(kernel="seq_major", vector=8, tokens=32, tokens_per_block=4, heads_per_block=9, units_per_head=16,
           rot_units=16, n_stride=128, cos_rows=2, seq_major=True, prefetch=True, pipeline=False, threads=128,
-          token_blocks=8, head_blocks=1, shared_bytes=2224)),
+          token_blocks=8, head_blocks=1, shared_bytes=2672)),
     # in place, every pair rotating: the device's units per thread (6), as out of place; 80 units a token,
     # target min(6*128, max(64, 2560/4)) = 640 -> 8 tokens (4 units a thread, with pairs that do not rotate, would
-    # give 512 -> 6); smem 8*36 + 8*8 + 2*4*8*64 = 4448
+    # give 512 -> 6); smem 8*10*16 + 8*8 + 2*4*8*64 + 8*4 = 5472
     (dict(batch=1, seq=32, hq=8, hk=2, D=128, rotary_dim=128, pairs=64, inplace=True, sms=1, units_per_thread=6),
      dict(kernel="plain", vector=8, tokens=32, tokens_per_block=8, heads_per_block=10, units_per_head=8,
           rot_units=8, n_stride=64, cos_rows=8, seq_major=False, prefetch=True, pipeline=False, threads=128,
-          token_blocks=4, head_blocks=1, shared_bytes=4448)),
+          token_blocks=4, head_blocks=1, shared_bytes=5472)),
     # partial rotary out of place (rotary_dim 64 of 128): 4 rotating + 8 copied units a head, pipelined,
-    # units per thread raised to 6: target min(768, max(64, 1536/4)) = 384 -> 4 tokens; smem 144 + 32 + 1024
+    # units per thread raised to 6: target min(768, max(64, 1536/4)) = 384 -> 4 tokens; smem 4*8*16 + 32 + 1024 + 16
     (dict(batch=1, seq=16, hq=4, hk=4, D=128, rotary_dim=64, pairs=32, sms=1),
      dict(kernel="pipelined", vector=8, tokens=16, tokens_per_block=4, heads_per_block=8, units_per_head=12,
           rot_units=4, n_stride=32, cos_rows=4, seq_major=False, prefetch=True, pipeline=True, threads=128,
-          token_blocks=4, head_blocks=1, shared_bytes=1200)),
+          token_blocks=4, head_blocks=1, shared_bytes=1584)),
 ]
 
 
 @pytest.mark.parametrize("case,expected", HAND,
-                         ids=["llama", "decode", "inplace_partial_unit", "hope_inplace", "seq_major", "inplace_full",
+                         ids=["llama", "decode", "inplace_partial_unit", "hope_inplace", "llama_8b_heads", "seq_major", "inplace_full",
                               "pipelined"])
 def test_plans_by_hand(lib, case, expected):
     assert call_plan(lib, **case) == expected
@@ -297,9 +303,11 @@ def test_plan_properties(lib):
             assert max(spans) <= L["cos_rows"] <= T, what
         else:
             assert L["cos_rows"] == T, what
-        # shared memory: the kernel's layout (offsets [T][4] int64, positions [T rounded up to even] int64,
-        # cos and sin [cos_rows][n_stride], row indices [T] int), within the 48 KiB of a launch without opt-in
+        # shared memory: the kernel's layout (the head rows' two addresses [T * heads_per_block][2], positions
+        # [T rounded up to even] int64, cos and sin [cos_rows][n_stride], row indices [T] int), within the
+        # 48 KiB of a launch without opt-in
         acc = BYTES[kw["dtype"]][1]
-        layout = 4 * 8 * T + 8 * (T + T % 2) + 2 * acc * L["cos_rows"] * L["n_stride"] + 4 * T
+        layout = (16 * T * L["heads_per_block"] + 8 * (T + T % 2) + 2 * acc * L["cos_rows"] * L["n_stride"]
+                  + 4 * T)
         assert L["shared_bytes"] == layout <= 48 * 1024, what
     assert kinds == set(KERNELS), kinds  # the random shapes reached every kernel
