@@ -124,24 +124,19 @@ inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
   if (per_head == 0 || h_total == 0 || L.tokens == 0) return L;  // nothing to touch
   L.n_stride = (n + pairs_per_unit - 1) / pairs_per_unit * pairs_per_unit;
 
-  // Out of place with channels that only copy, a thread mostly waits for loads: its next unit's loads are kept
-  // in flight too (not when every unit rotates, where that is slower). In place only where cos/sin
-  // elements are few per unit (otherwise their computation dominates).
+  // In place, where pairs do not rotate and cos/sin elements are few per unit, a thread keeps its next unit's
+  // loads in flight during the current unit's work (out of place, and where every pair rotates, that is slower).
   const int64_t per_token = static_cast<int64_t>(h_total) * per_head;
-  const bool pipelined = unit && (!in.inplace ? (inter ? 2 * n < D : n < half || 2 * half < D)
-                                              : (inter ? 2 * n < in.rotary_dim : n < half) &&
-                                                    4 * L.n_stride < per_token);
+  const bool pipelined = unit && in.inplace && (inter ? 2 * n < in.rotary_dim : n < half) &&
+                         4 * L.n_stride < per_token;
   // Aim for >= 4 blocks per multiprocessor when the problem allows it, but >= 64 units per block (fewer leave
   // latency unhidden when decoding), and up to `units_per_thread` units per thread: the device's figure where
-  // cos/sin are a large share of the work (>= 1 element per 4 units: larger blocks share them), at least 6 in
-  // the pipelined kernels out of place; otherwise small blocks, a token of Llama's heads: 2 units a thread in
-  // place with pairs that do not rotate, 3 elsewhere.
+  // cos/sin are a large share of the work (>= 1 element per 4 units: larger blocks share them); otherwise small
+  // blocks, a token of Llama's or Gemma 4's heads: 2 units a thread in place with pairs that do not rotate, 3
+  // elsewhere.
   const int64_t total = L.tokens * per_token;
   const bool cos_sin_heavy = 4 * L.n_stride >= per_token;
-  const int units_per_thread = cos_sin_heavy                  ? dev.units_per_thread
-                               : pipelined && !in.inplace     ? std::max(6, dev.units_per_thread)
-                               : in.inplace && n < half       ? 2
-                                                              : 3;
+  const int units_per_thread = cos_sin_heavy ? dev.units_per_thread : in.inplace && n < half ? 2 : 3;
   const int64_t target = std::min<int64_t>(units_per_thread * kThreads,
                                            std::max<int64_t>(64, total / (4 * dev.multiprocessors)));
   const size_t acc = static_cast<size_t>(in.arithmetic_bytes);

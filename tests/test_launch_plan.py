@@ -177,18 +177,26 @@ HAND = [
      dict(kernel="plain", vector=8, tokens=32, tokens_per_block=8, heads_per_block=10, units_per_head=8,
           rot_units=8, n_stride=64, cos_rows=8, seq_major=False, prefetch=True, pipeline=False, threads=128,
           token_blocks=4, head_blocks=1, shared_bytes=5472)),
-    # partial rotary out of place (rotary_dim 64 of 128): 4 rotating + 8 copied units a head, pipelined,
-    # units per thread raised to 6: target min(768, max(64, 1536/4)) = 384 -> 4 tokens; smem 4*8*16 + 32 + 1024 + 16
+    # partial rotary out of place (rotary_dim 64 of 128): 4 rotating + 8 copied units a head, not pipelined (out
+    # of place); 32 cos/sin elements for 12 units a head: a large share, so the device's 4 units a thread:
+    # target min(512, max(64, 1536/4)) = 384 -> 4 tokens; smem 4*8*16 + 32 + 1024 + 16
     (dict(batch=1, seq=16, hq=4, hk=4, D=128, rotary_dim=64, pairs=32, sms=1),
-     dict(kernel="pipelined", vector=8, tokens=16, tokens_per_block=4, heads_per_block=8, units_per_head=12,
-          rot_units=4, n_stride=32, cos_rows=4, seq_major=False, prefetch=True, pipeline=True, threads=128,
+     dict(kernel="plain", vector=8, tokens=16, tokens_per_block=4, heads_per_block=8, units_per_head=12,
+          rot_units=4, n_stride=32, cos_rows=4, seq_major=False, prefetch=True, pipeline=False, threads=128,
           token_blocks=4, head_blocks=1, shared_bytes=1584)),
+    # Gemma 4 global out of place (D=512, 64 of 256 pairs): 8 rotating + 24 copying units a head, 9 heads -> 288
+    # units a token, 64 cos/sin elements (a small share): 3 units a thread, target min(384, max(64, 8*288/4)) =
+    # 384 -> 1 token, not pipelined; smem 9*16 + 16 + 2*4*64 + 4 = 676
+    (dict(batch=2, seq=4, hq=8, hk=1, D=512, rotary_dim=512, pairs=64, sms=1),
+     dict(kernel="plain", vector=8, tokens=8, tokens_per_block=1, heads_per_block=9, units_per_head=32,
+          rot_units=32, n_stride=64, cos_rows=1, seq_major=False, prefetch=True, pipeline=False, threads=128,
+          token_blocks=8, head_blocks=1, shared_bytes=676)),
 ]
 
 
 @pytest.mark.parametrize("case,expected", HAND,
                          ids=["llama", "decode", "inplace_partial_unit", "hope_inplace", "llama_8b_heads", "seq_major", "inplace_full",
-                              "pipelined"])
+                              "partial_rotary", "gemma4_out_of_place"])
 def test_plans_by_hand(lib, case, expected):
     assert call_plan(lib, **case) == expected
 
@@ -197,8 +205,8 @@ def test_nothing_to_touch_launches_nothing(lib):
     assert call_plan(lib, 0, 4, 2, 1, 64, 64, 32)["kernel"] == "none"  # no tokens
     assert call_plan(lib, 2, 4, 0, 0, 64, 64, 32)["kernel"] == "none"  # no heads
     assert call_plan(lib, 2, 4, 2, 1, 64, 64, 0, inplace=True)["kernel"] == "none"  # in place, nothing rotates
-    # out of place it still copies, with the next unit's loads in flight (no unit rotates)
-    assert call_plan(lib, 2, 4, 2, 1, 64, 64, 0)["kernel"] == "pipelined"
+    # out of place it still copies (no unit rotates)
+    assert call_plan(lib, 2, 4, 2, 1, 64, 64, 0)["kernel"] == "plain"
 
 
 def test_fast_path_needs_aligned_unit_stride_rows(lib):

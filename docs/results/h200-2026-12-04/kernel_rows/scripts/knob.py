@@ -1,7 +1,11 @@
 # Applies the experiment's plan override to a copy of csrc (argv[1]): env PX="tpb,seq,pipe,threads" (-1: keep)
 import re, sys
 d = sys.argv[1]
+bounds = sys.argv[2] if len(sys.argv) > 2 else None
 p = f"{d}/rotary_cuda.cu"; s = open(p).read()
+if bounds:
+    assert "__launch_bounds__(kThreads)" in s
+    s = s.replace("__launch_bounds__(kThreads)", f"__launch_bounds__({bounds})")
 
 s = s.replace("#include <limits>", "#include <limits>\n#include <cstdio>\n#include <cstdlib>")
 old = "  const LaunchPlan plan = plan_launch(in, device_plan());\n"

@@ -5,11 +5,12 @@ assert "CUDA" in posenc.backend("cuda")
 CASES = [("gemma", b.GEMMA, "rope", "fwd"), ("llama", b.LLAMA_8B, "rope", "fwd"),
          ("gemma4_inpl", b.GEMMA4_GLOBAL, "prope:0.25", "fwd_inplace"), ("hope_inpl", b.LLAMA_8B, "hope:4096", "fwd_inplace"),
          ("prope_inpl", b.LLAMA_8B, "prope:0.75", "fwd_inplace"), ("llama_long", b.LLAMA_8B_LONG, "rope", "fwd"),
-         ("gemma4_fwd", b.GEMMA4_GLOBAL, "prope:0.25", "fwd"), ("rope_inpl", b.LLAMA_8B, "rope", "fwd_inplace")]
+         ("gemma4_fwd", b.GEMMA4_GLOBAL, "prope:0.25", "fwd"), ("rope_inpl", b.LLAMA_8B, "rope", "fwd_inplace"),
+         ("hope_fwd", b.LLAMA_8B, "hope:4096", "fwd"), ("prope_fwd", b.LLAMA_8B, "prope:0.75", "fwd"), ("decode", b.DECODE, "rope", "fwd")]
 only = sys.argv[1].split(",") if len(sys.argv) > 1 else None
-TPB = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32]
+TPB = [int(v) for v in os.environ.get("TPB", "1,2,3,4,5,6,8,10,12,16,24,32").split(",")]
 MODES = [(0, 0), (1, 0), (0, 1)]  # (seq, pipe)
-THR = [64, 128]
+THR = [int(v) for v in os.environ.get("THR", "64,128").split(",")]
 def t(fn):
     g, _, _ = b._time_cuda(fn, 3, 30, 5)
     return g
