@@ -64,7 +64,49 @@ inline T* emu_at(T* p) {
   return p;
 }
 
+// The fast path's inline-PTX global load and store of 16 bytes become these
+template <class W>
+inline void emu_load16(const void* at, W* x) {
+  emu_note(at, 16, 16);
+  std::memcpy(x, at, 16);
+}
+template <class W>
+inline void emu_store16(void* at, const W* x) {
+  emu_note(at, 16, 16);
+  std::memcpy(at, x, 16);
+}
+
 inline uint32_t __umulhi(uint32_t a, uint32_t b) { return static_cast<uint32_t>((uint64_t{a} * b) >> 32); }
+
+// The bit casts and conversions the kernel takes from CUDA's headers; the roundings are c10's, which CUDA's
+// (round to nearest even) equal.
+template <class To, class From>
+inline To emu_bits(const From& v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To t;
+  std::memcpy(&t, &v, sizeof t);
+  return t;
+}
+inline float __uint_as_float(uint32_t u) { return emu_bits<float>(u); }
+inline uint32_t __float_as_uint(float f) { return emu_bits<uint32_t>(f); }
+inline double __hiloint2double(int hi, int lo) {
+  return emu_bits<double>(uint64_t{static_cast<uint32_t>(hi)} << 32 | static_cast<uint32_t>(lo));
+}
+inline int __double2loint(double d) { return static_cast<int>(emu_bits<uint64_t>(d) & 0xffffffffu); }
+inline int __double2hiint(double d) { return static_cast<int>(emu_bits<uint64_t>(d) >> 32); }
+struct __half {
+  uint16_t x;
+};
+struct __half2 {
+  uint16_t x, y;  // x in the low half of the word, as in CUDA
+};
+struct __nv_bfloat162 {
+  uint16_t x, y;
+};
+inline __half __ushort_as_half(unsigned short u) { return {u}; }
+inline float __half2float(__half h) { return static_cast<float>(c10::Half(h.x, c10::Half::from_bits())); }
+inline __half2 __floats2half2_rn(float a, float b) { return {c10::Half(a).x, c10::Half(b).x}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {c10::BFloat16(a).x, c10::BFloat16(b).x}; }
 
 namespace c10::cuda {
 inline int current_device() { return 0; }

@@ -2,9 +2,9 @@
 
 The kernel's own source is compiled as C++ against cuda_emulator.h, after a few textual substitutions: the
 CUDA headers go, each launch `kernel<<<grid, block, smem, stream>>>(p, L)` becomes a call of emu_launch, the
-shared-memory declaration points at the emulator's buffer, vector and strided scalar accesses go through
-hooks that check alignment and record the bytes touched, and the CUDA registration becomes a CPU one under
-the namespace `posenc_emu`. Each substitution is checked, so an edit of the kernel that they no longer fit
+shared-memory declaration points at the emulator's buffer, vector, 16-byte (inline PTX) and strided scalar
+accesses go through hooks that check alignment and record the bytes touched, and the CUDA registration
+becomes a CPU one under the namespace `posenc_emu`. Each substitution is checked, so an edit of the kernel that they no longer fit
 fails here loudly instead of testing something else.
 
 What this checks: indexing, work split and launch shapes (those of a GPU with a given number of
@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "..", "csrc")
 NAMESPACE = "posenc_emu"
 _CUDA_INCLUDES = ["c10/cuda/CUDAException.h", "c10/cuda/CUDAFunctions.h", "c10/cuda/CUDAGuard.h",
-                  "c10/cuda/CUDAStream.h", "cuda_runtime.h"]
+                  "c10/cuda/CUDAStream.h", "cuda_bf16.h", "cuda_fp16.h", "cuda_runtime.h"]
 _SCHEMA_ARGS = ("Tensor? cos, Tensor? sin, Tensor? inv_freq, Tensor positions, float scale, int rotary_dim, "
                 "int rotated_pairs, bool interleaved, bool inverse")
 
@@ -57,6 +57,9 @@ def emulated_source(cuda_src: str) -> str:
              "unsigned char* smem = emu_smem;", s, "the shared-memory declaration", 1)
     s = _sub(r"reinterpret_cast<((?:const )?Vec<[^>]*>\*)>", r"emu_cast<\1>", s, "vector accesses")
     s = _sub(r"row\[\(ch \+ e\) \* cs\]", r"*emu_at(row + (ch + e) * cs)", s, "strided scalar accesses", 2)
+    # the fast path's 16-byte global load and store (inline PTX)
+    s = _sub(r"(?s)asm volatile\(\"ld\.global\.v4\.b32.*?\);", "emu_load16(at, &x);", s, "the 16-byte load", 1)
+    s = _sub(r"(?s)asm volatile\(\"st\.global\.v4\.b32.*?\);", "emu_store16(at, &x);", s, "the 16-byte store", 1)
     registration = s.index("TORCH_LIBRARY_IMPL(posenc, CUDA, m)")
     return s[:registration] + f'''
 TORCH_LIBRARY({NAMESPACE}, m) {{
