@@ -23,12 +23,13 @@ constexpr int kMaxTokensPerBlock = 64;
 // What launches plan for on a device.
 struct DevicePlan {
   int multiprocessors = 0;   // 0: not read yet
-  int units_per_thread = 4;  // out of place: the most units a thread takes (the block's size in units / 128)
+  int units_per_thread = 4;  // where cos/sin are a large share: the most units a thread takes (block units / 128)
 };
 
 // A multiprocessor must keep its share of the DRAM bandwidth times the memory latency in flight (Little's law),
 // so the units a thread takes grow with the bandwidth per multiprocessor: 4 at an H100's 25.4 GB/s, within
-// 4..8 (the range measured).
+// 4..8 (the range measured). Since the kernel's loop was shortened, only blocks whose cos/sin are a large share
+// use this figure (plan_launch).
 inline DevicePlan plan_device(int multiprocessors, int memory_clock_khz, int memory_bus_bits) {
   DevicePlan plan;
   const int sms = std::max(1, multiprocessors);
