@@ -4,8 +4,8 @@ The kernel's own source is compiled as C++ against cuda_emulator.h, after a few 
 CUDA headers go, each launch `kernel<<<grid, block, smem, stream>>>(p, L)` becomes a call of emu_launch, the
 shared-memory declaration points at the emulator's buffer, vector, 16-byte (inline PTX) and strided scalar
 accesses go through hooks that check alignment and record the bytes touched, and the CUDA registration
-becomes a CPU one under the namespace `posenc_emu`. Each substitution is checked, so an edit of the kernel that they no longer fit
-fails here loudly instead of testing something else.
+becomes a CPU one under the namespace `posenc_emu`. Each substitution is checked, so an edit of the kernel
+that they no longer fit fails here loudly instead of testing something else.
 
 What this checks: indexing, work split and launch shapes (those of a GPU with a given number of
 multiprocessors and memory: with few multiprocessors, small inputs take the shapes of large ones), in-place

@@ -195,8 +195,8 @@ HAND = [
 
 
 @pytest.mark.parametrize("case,expected", HAND,
-                         ids=["llama", "decode", "inplace_partial_unit", "hope_inplace", "llama_8b_heads", "seq_major", "inplace_full",
-                              "partial_rotary", "gemma4_out_of_place"])
+                         ids=["llama", "decode", "inplace_partial_unit", "hope_inplace", "llama_8b_heads", "seq_major",
+                              "inplace_full", "partial_rotary", "gemma4_out_of_place"])
 def test_plans_by_hand(lib, case, expected):
     assert call_plan(lib, **case) == expected
 
