@@ -418,7 +418,7 @@ struct RotaryBlock {
     }
   }
 
-  // ---- 2. rotate (or copy) unit u of the block's tokens x heads. have: the unit's vectors are pa/pb already.
+  // ---- 2. rotate (or copy) unit u of the block's tokens x heads. have: a and b hold the unit's vectors already.
   __device__ __forceinline__ void rotate_unit(int u, bool have, Chunk& a, Chunk& b) const {
     const int r = L.by_units_per_head(u);
     const int chunk = u - r * uph;
