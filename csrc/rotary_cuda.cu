@@ -210,6 +210,7 @@ struct LaunchShape {
   bool prefetch;        // load each thread's first unit before the cos/sin phase
   bool pipeline;        // and each next unit before the current one's work (kPipe kernels)
   FastDiv by_units_per_head, by_heads_per_block, by_n_stride;
+  FastDiv by_inner;  // batch (seq_major) or seqlen: a token's outer index, when tokens <= INT32_MAX
 };
 
 // One block's work, as the file's header comment describes it: the kernel below runs phase 0, phase 1 and
@@ -261,21 +262,20 @@ struct RotaryBlock {
     half = p.rotary_dim / 2;
   }
 
-  // (batch, seq) of a token; 32-bit division when the token count allows it (nearly always)
+  // The token's outer index: batch row, or position (seq-major); by a multiply and a shift when the token
+  // count allows it (nearly always)
+  __device__ __forceinline__ int64_t outer(int64_t tok) const {
+    return L.tokens <= INT32_MAX ? L.by_inner(static_cast<int>(tok)) : tok / (kSeqMajor ? p.batch : p.seqlen);
+  }
+  // (batch, seq) of a token
   __device__ __forceinline__ void split(int64_t tok, int64_t& b, int64_t& s) const {
-    const int64_t inner = kSeqMajor ? p.batch : p.seqlen;
-    int64_t outer;
-    if (L.tokens <= INT32_MAX) {
-      outer = static_cast<uint32_t>(tok) / static_cast<uint32_t>(inner);
-    } else {
-      outer = tok / inner;
-    }
+    const int64_t o = outer(tok);
     if constexpr (kSeqMajor) {
-      s = outer;
-      b = tok - outer * inner;
+      s = o;
+      b = tok - o * p.batch;
     } else {
-      b = outer;
-      s = tok - outer * inner;
+      b = o;
+      s = tok - o * p.seqlen;
     }
   }
   // Whether unit u is one within rotary_dim, the kind that phase 0 and the pipeline load early
@@ -355,7 +355,7 @@ struct RotaryBlock {
     return f;
   }
   // seq_major: the block's first position, row 0 of its cos/sin
-  __device__ __forceinline__ int64_t first_position() const { return kSeqMajor ? tok0 / p.batch : 0; }
+  __device__ __forceinline__ int64_t first_position() const { return kSeqMajor ? outer(tok0) : 0; }
   __device__ __forceinline__ void stage_tokens() const {
     const int64_t s_first = first_position();
     const int rows = T_here * h_count;
@@ -395,7 +395,7 @@ struct RotaryBlock {
   }
   __device__ __forceinline__ void stage_cos_sin(Frequency f) const {
     const int rows =
-        kSeqMajor ? static_cast<int>((tok0 + T_here - 1) / p.batch - first_position() + 1) : T_here;
+        kSeqMajor ? static_cast<int>(outer(tok0 + T_here - 1) - first_position() + 1) : T_here;
     for (int idx = threadIdx.x; idx < rows * L.n_stride; idx += blockDim.x) {
       const int t = L.by_n_stride(idx), i = idx - t * L.n_stride;
       Acc c = 1, s = 0;  // padding: never used for output, initialised all the same
@@ -418,6 +418,15 @@ struct RotaryBlock {
     }
   }
 
+  // The unit's rotation: half-split (a, b) or interleaved (a)
+  __device__ __forceinline__ void rotate(Chunk& a, Chunk& b, int ch, const Acc* cs, const Acc* sn, int cnt) const {
+    if constexpr (kInter) {
+      rotate_inter<T, W>(a, ch, cs, sn, cnt);
+    } else {
+      rotate_half<T, W>(a, b, ch, cs, sn, cnt);
+    }
+  }
+
   // ---- 2. rotate (or copy) unit u of the block's tokens x heads. have: a and b hold the unit's vectors already.
   __device__ __forceinline__ void rotate_unit(int u, bool have, Chunk& a, Chunk& b) const {
     const int r = L.by_units_per_head(u);
@@ -436,30 +445,23 @@ struct RotaryBlock {
 
     if (chunk < L.rot_units) {
       const int ch = chunk * W;
-      // cnt: the unit's rotating pairs; fewer than the unit's in the last unit holding rotating pairs (the
-      // others are copied out of place, written back unchanged in place) or none (out of place only)
-      const int cnt = max(0, min(n - (kInter ? ch / 2 : ch), kInter ? W / 2 : W));
-      const bool whole_units = n % (kInter ? W / 2 : W) == 0;  // every rotating unit rotates all its pairs
       if (!have) {  // loaded into the registers of the prefetched vectors: no choice between the two later
         a = load_chunk(in, ch, ics);
         if constexpr (!kInter) b = load_chunk(in, ch + half, ics);
       }
-      if (cnt == 0) {
-        // nothing rotates: stored as loaded (cos/sin rows hold only the rotating pairs). This order of the
-        // branches compiles to the shortest loop (checking cnt > 0 last added 50 instructions to it).
-      } else if constexpr (kInter) {
-        if (cnt == W / 2 && whole_units) {  // every pair rotates (see below)
-          rotate_inter<T, W>(a, ch, cs, sn, W / 2);
-        } else {
-          rotate_inter<T, W>(a, ch, cs, sn, cnt);
-        }
-      } else if (cnt == W && whole_units) {
-        // Every pair of the unit rotates: with the count a constant, the per-element choice between rotated and
-        // copied values disappears, 16 selects per unit. Only where every rotating unit is whole: otherwise the
-        // lanes of a warp holding the last unit of a head would take the other path, and the warp both.
-        rotate_half<T, W>(a, b, ch, cs, sn, W);
+      constexpr int kPairs = kInter ? W / 2 : W;  // a unit's pairs
+      const int first = kInter ? ch / 2 : ch;     // its first pair
+      if (n % kPairs == 0) {
+        // Every rotating unit rotates all its pairs (the others none): with the count a constant, the
+        // per-element choice between rotated and kept values disappears. The test is uniform over the launch,
+        // so that no warp runs both paths (a per-unit test of the count did: lanes of a head's last unit took
+        // the other path).
+        if (first < n) rotate(a, b, ch, cs, sn, kPairs);
       } else {
-        rotate_half<T, W>(a, b, ch, cs, sn, cnt);
+        // the last unit holding rotating pairs rotates `cnt` of them and keeps the others (copied out of
+        // place, written back unchanged in place); units past it keep all theirs (out of place only)
+        const int cnt = min(n - first, kPairs);
+        if (cnt > 0) rotate(a, b, ch, cs, sn, cnt);
       }
       store_chunk(out, ch, ocs, a);
       if constexpr (!kInter) store_chunk(out, ch + half, ocs, b);
@@ -547,6 +549,7 @@ void launch_with(const RotaryParams& p, const LaunchPlan& plan) {
   L.by_units_per_head = FastDiv(L.units_per_head);
   L.by_heads_per_block = FastDiv(L.heads_per_block);
   L.by_n_stride = FastDiv(L.n_stride);
+  L.by_inner = FastDiv(static_cast<int>(std::min<int64_t>(plan.seq_major ? p.batch : p.seqlen, INT32_MAX)));
   const dim3 grid(static_cast<unsigned>(plan.token_blocks), static_cast<unsigned>(plan.head_blocks));
   const int threads = plan.threads;
   const size_t smem = plan.shared_bytes;

@@ -6,7 +6,7 @@ set -eu
 S=${1:-csrc}; D=$(mktemp -d); cp "$S"/*.h "$S"/*.cu "$D"/
 TI=$(.venv/bin/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "include"))')
 mkdir -p "$D/stub/c10/cuda/impl" && echo "#pragma once" > "$D/stub/c10/cuda/impl/cuda_cmake_macros.h"
-nvcc -cubin -arch=sm_90a -std=c++17 -O3 --expt-relaxed-constexpr -I"$TI" -I"$TI/torch/csrc/api/include" \
+nvcc -cubin -arch=sm_90a -std=c++17 -O3 -lineinfo --expt-relaxed-constexpr --fmad=false -I"$TI" -I"$TI/torch/csrc/api/include" \
   -I"$D/stub" -I"$D" -Xptxas -v "$D/rotary_cuda.cu" -o "$D/X.cubin" > "$D/ptxas.txt" 2>&1
 # template arguments: <bf16, V=8, interleaved, pipelined, seq-major>
 for k in BFloat16ELi8ELb0ELb0ELb0 BFloat16ELi8ELb0ELb0ELb1 BFloat16ELi8ELb0ELb1ELb0 BFloat16ELi8ELb1ELb0ELb0; do
