@@ -23,7 +23,8 @@ constexpr int kMaxTokensPerBlock = 64;
 // What launches plan for on a device.
 struct DevicePlan {
   int multiprocessors = 0;   // 0: not read yet
-  int units_per_thread = 4;  // where cos/sin are a large share: the most units a thread takes (block units / 128)
+  // in place where cos/sin are a large share: the most units a thread takes (units of a block / 128)
+  int units_per_thread = 4;
 };
 
 // A multiprocessor must keep its share of the DRAM bandwidth times the memory latency in flight (Little's law),
@@ -132,12 +133,12 @@ inline LaunchPlan plan_launch(const PlanInput& in, const DevicePlan& dev) {
                          4 * L.n_stride < per_token;
   // Aim for >= 4 blocks per multiprocessor when the problem allows it, but >= 64 units per block (fewer leave
   // latency unhidden when decoding), and up to `units_per_thread` units per thread: the device's figure where
-  // cos/sin are a large share of the work (>= 1 element per 4 units: larger blocks share them); otherwise small
-  // blocks, a token of Llama's or Gemma 4's heads: 2 units a thread in place with pairs that do not rotate, 3
-  // elsewhere.
+  // cos/sin are a large share of the work (>= 1 element per 4 units) in place (larger blocks share them);
+  // otherwise small blocks, a token of Llama's or Gemma 4's heads or two of Gemma's: 2 units a thread in place
+  // with pairs that do not rotate, 3 elsewhere.
   const int64_t total = L.tokens * per_token;
   const bool cos_sin_heavy = 4 * L.n_stride >= per_token;
-  const int units_per_thread = cos_sin_heavy ? dev.units_per_thread : in.inplace && n < half ? 2 : 3;
+  const int units_per_thread = cos_sin_heavy && in.inplace ? dev.units_per_thread : in.inplace && n < half ? 2 : 3;
   const int64_t target = std::min<int64_t>(units_per_thread * kThreads,
                                            std::max<int64_t>(64, total / (4 * dev.multiprocessors)));
   const size_t acc = static_cast<size_t>(in.arithmetic_bytes);

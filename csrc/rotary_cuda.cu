@@ -215,8 +215,9 @@ struct LaunchShape {
 
 // One block's work, as the file's header comment describes it: the kernel below runs phase 0, phase 1 and
 // phase 2 of it in turn. V: channels per unit access (16 bytes worth on the fast path, 1 otherwise).
-// kPipe: each thread's next unit is loaded before the current unit's work. kSeqMajor: tokens in (seq, batch) order, cos/sin rows per position. Each is its own
-// instantiation: as runtime switches they cost the other kernels time even when off.
+// kPipe: each thread's next unit is loaded before the current unit's work. kSeqMajor: tokens in (seq, batch)
+// order, cos/sin rows per position. Each is its own instantiation: as runtime switches they cost the other
+// kernels time even when off.
 template <typename T, int V, bool kInter, bool kPipe, bool kSeqMajor>
 struct RotaryBlock {
   using Acc = at::opmath_type<T>;
@@ -287,6 +288,19 @@ struct RotaryBlock {
     t = L.by_heads_per_block(r);  // r / h_count: the two differ only where blocks hold one token (t = 0)
     head = h_begin + (r - t * h_count);
   }
+  // Where head row r of the block starts, in the input and in the output
+  __device__ __forceinline__ Row row_address(int r) const {
+    int t, head;
+    locate_row(r, t, head);
+    int64_t b, s;
+    split(tok0 + t, b, s);
+    const bool is_q = head < hq;
+    const RotaryTensor& x = is_q ? p.q_in : p.k_in;
+    const RotaryTensor& y = is_q ? p.q_out : p.k_out;
+    const int64_t hd = is_q ? head : head - hq;
+    return {static_cast<const T*>(x.data) + b * x.stride[0] + s * x.stride[1] + hd * x.stride[2],
+            static_cast<T*>(y.data) + b * y.stride[0] + s * y.stride[1] + hd * y.stride[2]};
+  }
   // W channels of a row from channel ch (cs: the channel stride, 1 on the fast path)
   __device__ __forceinline__ Chunk load_chunk(const T* row, int ch, int64_t cs) const {
     if constexpr (kUnit) {
@@ -310,21 +324,13 @@ struct RotaryBlock {
 
   // ---- 0. the thread's first unit, when it is a unit within rotary_dim (fast path): loaded now, so
   // that the latency of these loads overlaps phase 1 instead of following it. Its row address is not in shared
-  // memory yet, hence computed here. Returns whether it loaded.
+  // memory yet, hence formed here. Returns whether it loaded.
   __device__ __forceinline__ bool load_first_unit(Chunk& a, Chunk& b) const {
     if constexpr (kUnit) {
       const int u = threadIdx.x;
       if (L.prefetch && early(u)) {
         const int r = L.by_units_per_head(u), chunk = u - r * uph;
-        int t, head;
-        locate_row(r, t, head);
-        const bool is_q = head < hq;
-        int64_t bt, sq;
-        split(tok0 + t, bt, sq);
-        const T* in = static_cast<const T*>(is_q ? p.q_in.data : p.k_in.data) +
-                      bt * (is_q ? p.q_in.stride[0] : p.k_in.stride[0]) +
-                      sq * (is_q ? p.q_in.stride[1] : p.k_in.stride[1]) +
-                      (is_q ? head : head - hq) * (is_q ? p.q_in.stride[2] : p.k_in.stride[2]);
+        const T* in = row_address(r).in;
         load_unit(in, chunk, a, b);
         return true;
       }
@@ -378,18 +384,7 @@ struct RotaryBlock {
           }
         }
       }
-      if (i < rows) {
-        int t, head;
-        locate_row(i, t, head);
-        int64_t b, s;
-        split(tok0 + t, b, s);
-        const bool is_q = head < hq;
-        const RotaryTensor& x = is_q ? p.q_in : p.k_in;
-        const RotaryTensor& y = is_q ? p.q_out : p.k_out;
-        const int64_t hd = is_q ? head : head - hq;
-        rows_s[i] = {static_cast<const T*>(x.data) + b * x.stride[0] + s * x.stride[1] + hd * x.stride[2],
-                     static_cast<T*>(y.data) + b * y.stride[0] + s * y.stride[1] + hd * y.stride[2]};
-      }
+      if (i < rows) rows_s[i] = row_address(i);
       if (pos_at >= 0) pos_s[pos_at] = pos;
     }
   }

@@ -132,7 +132,7 @@ def test_device_plan_by_hand(lib):
 
 # Worked out by hand from the rules in launch_plan.h (bf16/fp16: V = 8 channels per 16-byte access).
 HAND = [
-    # Llama-like prefill slice: 3 heads x 8 units a token; target min(4*128, max(64, 96 / 528)) = 64 units a
+    # Llama-like prefill slice: 3 heads x 8 units a token; target min(3*128, max(64, 96 / 528)) = 64 units a
     # block -> 2 tokens; 48 units -> 64 threads; smem 2*3*16 + 2*8 + 2*4*2*64 + 2*4 = 1144
     (dict(batch=1, seq=4, hq=2, hk=1, D=128, rotary_dim=128, pairs=64),
      dict(kernel="plain", vector=8, tokens=4, tokens_per_block=2, heads_per_block=3, units_per_head=8, rot_units=8,
@@ -163,14 +163,24 @@ HAND = [
      dict(kernel="plain", vector=8, tokens=64, tokens_per_block=1, heads_per_block=40, units_per_head=8,
           rot_units=8, n_stride=64, cos_rows=1, seq_major=False, prefetch=True, pipeline=False, threads=128,
           token_blocks=64, head_blocks=1, shared_bytes=1172)),
-    # Gemma-like, shared positions, one multiprocessor: 144 units a token, target 768 -> 5 tokens, rounded
-    # to the 4 batch rows of one position; cos/sin rows min(4, (4+4-2)/4 + 1) = 2; smem 4*9*16 + 32 + 2*4*2*128 + 16
+    # Gemma-like, shared positions, one multiprocessor: 144 units a token, 128 cos/sin elements (a large share)
+    # out of place: 3 units a thread, not the device's 6: target min(384, max(64, 32*144/4)) = 384 -> 2 tokens,
+    # fewer than the 4 batch rows of a position, so not rounded; cos/sin rows min(2, (2+4-2)/4 + 1) = 2;
+    # smem 2*9*16 + 16 + 2*4*2*128 + 8 = 2360
     (dict(batch=4, seq=8, hq=8, hk=1, D=256, rotary_dim=256, pairs=128, shared_positions=True, sms=1,
           units_per_thread=6),
+     dict(kernel="seq_major", vector=8, tokens=32, tokens_per_block=2, heads_per_block=9, units_per_head=16,
+          rot_units=16, n_stride=128, cos_rows=2, seq_major=True, prefetch=True, pipeline=False, threads=128,
+          token_blocks=16, head_blocks=1, shared_bytes=2360)),
+    # the same in place: cos/sin a large share in place, so the device's 6 units a thread: target 768 -> 5 tokens,
+    # rounded to the 4 batch rows of one position; cos/sin rows min(4, (4+4-2)/4 + 1) = 2;
+    # smem 4*9*16 + 32 + 2*4*2*128 + 16 = 2672
+    (dict(batch=4, seq=8, hq=8, hk=1, D=256, rotary_dim=256, pairs=128, shared_positions=True, sms=1,
+          units_per_thread=6, inplace=True),
      dict(kernel="seq_major", vector=8, tokens=32, tokens_per_block=4, heads_per_block=9, units_per_head=16,
           rot_units=16, n_stride=128, cos_rows=2, seq_major=True, prefetch=True, pipeline=False, threads=128,
           token_blocks=8, head_blocks=1, shared_bytes=2672)),
-    # in place, every pair rotating: the device's units per thread (6), as out of place; 80 units a token,
+    # in place, every pair rotating: the device's units per thread (6); 80 units a token,
     # target min(6*128, max(64, 2560/4)) = 640 -> 8 tokens (4 units a thread, with pairs that do not rotate, would
     # give 512 -> 6); smem 8*10*16 + 8*8 + 2*4*8*64 + 8*4 = 5472
     (dict(batch=1, seq=32, hq=8, hk=2, D=128, rotary_dim=128, pairs=64, inplace=True, sms=1, units_per_thread=6),
@@ -178,8 +188,8 @@ HAND = [
           rot_units=8, n_stride=64, cos_rows=8, seq_major=False, prefetch=True, pipeline=False, threads=128,
           token_blocks=4, head_blocks=1, shared_bytes=5472)),
     # partial rotary out of place (rotary_dim 64 of 128): 4 rotating + 8 copied units a head, not pipelined (out
-    # of place); 32 cos/sin elements for 12 units a head: a large share, so the device's 4 units a thread:
-    # target min(512, max(64, 1536/4)) = 384 -> 4 tokens; smem 4*8*16 + 32 + 1024 + 16
+    # of place); 32 cos/sin elements for 12 units a head: a large share, but out of place, so 3 units a thread:
+    # target min(384, max(64, 1536/4)) = 384 -> 4 tokens; smem 4*8*16 + 32 + 1024 + 16
     (dict(batch=1, seq=16, hq=4, hk=4, D=128, rotary_dim=64, pairs=32, sms=1),
      dict(kernel="plain", vector=8, tokens=16, tokens_per_block=4, heads_per_block=8, units_per_head=12,
           rot_units=4, n_stride=32, cos_rows=4, seq_major=False, prefetch=True, pipeline=False, threads=128,
@@ -196,7 +206,7 @@ HAND = [
 
 @pytest.mark.parametrize("case,expected", HAND,
                          ids=["llama", "decode", "inplace_partial_unit", "hope_inplace", "llama_8b_heads", "seq_major",
-                              "inplace_full", "partial_rotary", "gemma4_out_of_place"])
+                              "seq_major_inplace", "inplace_full", "partial_rotary", "gemma4_out_of_place"])
 def test_plans_by_hand(lib, case, expected):
     assert call_plan(lib, **case) == expected
 
