@@ -79,7 +79,9 @@ def lib():
         cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
         assert cxx, "test_launch_plan needs a C++17 compiler (c++, g++ or $CXX)"
         os.makedirs(build, exist_ok=True)
-        src = os.path.join(build, "shim.cpp")
+        # per-process source and output, then an atomic rename: pytest-xdist workers build at once (with one
+        # shared source file, one worker truncated it while another compiled it, giving a library without `plan`)
+        src = os.path.join(build, f"shim.{os.getpid()}.cpp")
         with open(src, "w") as f:
             f.write(SHIM)
         tmp = f"{so}.{os.getpid()}"
