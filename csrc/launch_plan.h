@@ -29,8 +29,8 @@ struct DevicePlan {
 
 // A multiprocessor must keep its share of the DRAM bandwidth times the memory latency in flight (Little's law),
 // so the units a thread takes grow with the bandwidth per multiprocessor: 4 at an H100's 25.4 GB/s, within
-// 4..8 (the range measured). Since the kernel's loop was shortened, only blocks whose cos/sin are a large share
-// use this figure (plan_launch).
+// 4..8 (the range measured). Since the kernel's loop was shortened, only in-place blocks whose cos/sin are a
+// large share use this figure (plan_launch).
 inline DevicePlan plan_device(int multiprocessors, int memory_clock_khz, int memory_bus_bits) {
   DevicePlan plan;
   const int sms = std::max(1, multiprocessors);

@@ -448,9 +448,9 @@ struct RotaryBlock {
       const int first = kInter ? ch / 2 : ch;     // its first pair
       if (n % kPairs == 0) {
         // Every rotating unit rotates all its pairs (the others none): with the count a constant, the
-        // per-element choice between rotated and kept values disappears. The test is uniform over the launch,
-        // so that no warp runs both paths (a per-unit test of the count did: lanes of a head's last unit took
-        // the other path).
+        // per-element choice between rotated and kept values disappears. The test is uniform over the launch so
+        // that no warp runs both paths (a test of each unit's count compiles to one that sends the lanes of a
+        // head's last unit down the other path, and every warp holds such lanes).
         if (first < n) rotate(a, b, ch, cs, sn, kPairs);
       } else {
         // the last unit holding rotating pairs rotates `cnt` of them and keeps the others (copied out of
