@@ -90,7 +90,7 @@ TINY = Shape("tiny", 1, 16, 4, 2, 64)
 
 _LLAMA = [Case(LLAMA_8B, "rope", ("fwd", "fwd+bwd", "fwd_inplace")), Case(LLAMA_8B_LONG, "rope", ("fwd",)),
           Case(LLAMA_8B, "hope:4096", ("fwd_inplace",)), Case(LLAMA_8B, "prope:0.75", ("fwd_inplace",))]
-_GEMMA = [Case(GEMMA, "rope", ("fwd", "fwd+bwd"))]
+_GEMMA = [Case(GEMMA, "rope", ("fwd", "fwd+bwd", "fwd_inplace"))]
 _GEMMA4 = [Case(GEMMA4_GLOBAL, "prope:0.25", ("fwd_inplace", "fwd"))]
 _DECODE = [Case(DECODE, "rope", ("decode",))]
 BF16 = ["bfloat16"]
@@ -657,18 +657,36 @@ def _decode_ms(model, prompt, tokens, device, repeats):
     return statistics.median(times[1:]) * 1e3, generated
 
 
+def _e2e_setup(method, net, device):
+    """Puts `method`'s rope into net; returns the undo."""
+    from posenc.hf import patch, unpatch
+    if method == "posenc":
+        patch(net, "rope")
+        return lambda: unpatch(net)
+    if method == "liger":
+        if device != "cuda":
+            raise RuntimeError("GPU only")
+        return _liger_rope()
+    if method != "unpatched":
+        raise ValueError(f"methods: unknown e2e method {method!r}; expected one of {E2E_METHODS}")
+    return lambda: None
+
+
 def run_e2e(device: str = "cpu", model: E2EModel | str = "e2e", progress: Callable | None = None,
-            methods=None, warmup: int = 2, iters: int = 5, repeats: int = 3) -> list[dict]:
+            methods=None, warmup: int = 2, iters: int = 5, repeats: int = 3, rounds: int = 3) -> list[dict]:
     """Times one training step and greedy decoding of a Llama-shaped bf16 model (SDPA, eager, random weights)
     unpatched, with posenc.patch(model, "rope") (the fused op in every layer, same tables) and with liger-kernel's
-    rope (GPU only, where liger_kernel imports). One row per (method, workload): ms (a step; a token for
-    decoding), x_unpatched, and a check: the patched model's loss equals the unpatched one's to bf16 rounding
-    (fresh weights are the same for every method: one seed) and its greedy tokens are compared."""
-    from posenc.hf import patch, unpatch
+    rope (GPU only, where liger_kernel imports). The methods take turns, `rounds` times (so that a drift of the
+    machine's speed over the run does not favour one of them); a round's figure is a median (of `iters` steps, of
+    `repeats` decodings). One row per (method, workload): ms (the median round; a step, or a token for
+    decoding), ms_rounds, x_unpatched, and a check: the patched model's loss equals the unpatched one's to bf16
+    rounding (fresh weights are the same for every method: one seed) and its greedy tokens are compared."""
     from transformers import LlamaForCausalLM
     device = str(torch.device(device).type)
     m = E2E_PRESETS[model] if isinstance(model, str) else model
     methods = list(methods or E2E_METHODS)
+    if type(rounds) is not int or rounds < 1:
+        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     meta = {"device": device, "device_name": _device_name(device), **_versions(), "kind": "e2e",
             "model": m.name, "dtype": "bfloat16", "vocab": m.vocab}
     torch.manual_seed(0)
@@ -679,66 +697,83 @@ def run_e2e(device: str = "cpu", model: E2EModel | str = "e2e", progress: Callab
     ids = torch.randint(0, m.vocab, (m.train_batch, m.train_seq), generator=gen).to(device)
     prompt = torch.randint(0, m.vocab, (m.decode_batch, m.decode_prompt), generator=gen).to(device)
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    rows, base = [], {}
-    total, done = 2 * len(methods), 0
+    rows = {}
     for method in methods:
-        undo = None
-        row_t = {**meta, "method": method, "workload": f"train step B={m.train_batch} S={m.train_seq}",
-                 "unit": "ms/step", "ms": None, "x_unpatched": None, "check": None}
-        row_d = {**meta, "method": method, "workload": f"decode {m.decode_tokens} tokens B={m.decode_batch}",
-                 "unit": "ms/token", "ms": None, "x_unpatched": None, "check": None}
-        rows += [row_t, row_d]
-        try:
-            if method == "posenc":
-                patch(net, "rope")
-            elif method == "liger":
-                if device != "cuda":
-                    raise RuntimeError("GPU only")
-                undo = _liger_rope()
-            elif method != "unpatched":
-                raise ValueError(f"methods: unknown e2e method {method!r}; expected one of {E2E_METHODS}")
-            net.load_state_dict(state)  # the same weights for every method (AdamW steps moved them)
-            opt.state.clear()
-            with torch.no_grad():
-                loss = float(net(input_ids=ids, labels=ids).loss)
-            done += 1
-            if progress is not None:
-                progress(done, total, f"e2e {m.name} {method} train step")
-            net.train()
-            row_t["ms"] = round(_train_step_ms(net, ids, opt, device, warmup, iters), 3)
-            net.load_state_dict(state)
-            net.eval()
-            done += 1
-            if progress is not None:
-                progress(done, total, f"e2e {m.name} {method} decode")
-            ms, tokens = _decode_ms(net, prompt, m.decode_tokens, device, repeats)
-            row_d["ms"] = round(ms, 3)
-            if method == "unpatched":
-                base = {"loss": loss, "tokens": tokens, "train": row_t["ms"], "decode": row_d["ms"]}
+        rows[method] = [
+            {**meta, "method": method, "workload": f"train step B={m.train_batch} S={m.train_seq}",
+             "unit": "ms/step", "ms": None, "ms_rounds": [], "x_unpatched": None, "check": None},
+            {**meta, "method": method, "workload": f"decode {m.decode_tokens} tokens B={m.decode_batch}",
+             "unit": "ms/token", "ms": None, "ms_rounds": [], "x_unpatched": None, "check": None}]
+    first = {}  # method -> (loss, greedy tokens) of its first round
+    failed = set()
+    total, done = 2 * len(methods) * rounds, 0
+    for rnd in range(rounds):
+        for method in methods:
+            if method in failed:
+                continue
+            row_t, row_d = rows[method]
+            undo = None
+            try:
+                undo = _e2e_setup(method, net, device)
+                net.load_state_dict(state)  # the same weights for every method (AdamW steps moved them)
+                opt.state.clear()
+                if rnd == 0:
+                    with torch.no_grad():
+                        loss = float(net(input_ids=ids, labels=ids).loss)
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"e2e {m.name} {method} train step (round {rnd + 1}/{rounds})")
+                net.train()
+                row_t["ms_rounds"].append(round(_train_step_ms(net, ids, opt, device, warmup, iters), 3))
+                net.load_state_dict(state)
+                net.eval()
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"e2e {m.name} {method} decode (round {rnd + 1}/{rounds})")
+                ms, tokens = _decode_ms(net, prompt, m.decode_tokens, device, repeats)
+                row_d["ms_rounds"].append(round(ms, 3))
+                if rnd == 0:
+                    first[method] = (loss, tokens)
+            except Exception as exc:
+                failed.add(method)
+                msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+                for r in (row_t, row_d):
+                    r["ms_rounds"] = []
+                    r["check"] = "GPU only" if msg == "GPU only" else f"failed: {type(exc).__name__}: {msg}"
+            finally:
+                if undo is not None:
+                    undo()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    for method in methods:
+        for r in rows[method]:
+            if r["ms_rounds"]:
+                r["ms"] = round(statistics.median(r["ms_rounds"]), 3)
+    base_t, base_d = rows.get("unpatched", [None, None])
+    for method in methods:
+        row_t, row_d = rows[method]
+        if method in failed:
+            continue
+        if method == "unpatched":
+            if method in first:
                 row_t["check"] = row_d["check"] = "baseline"
-            elif base:
-                rel = abs(loss - base["loss"]) / max(1e-30, abs(base["loss"]))
-                row_t["check"] = ("ok" if rel <= 1e-3 else f"MISMATCH loss {loss:.6f} vs {base['loss']:.6f}")
-                row_t["loss_rel_diff"] = rel
-                same = float((tokens == base["tokens"]).float().mean())
-                row_d["check"] = "ok" if same == 1.0 else f"{same:.0%} of greedy tokens as unpatched"
-                row_t["x_unpatched"] = round(row_t["ms"] / base["train"], 3)
-                row_d["x_unpatched"] = round(row_d["ms"] / base["decode"], 3)
-            row_t["loss"] = loss
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
-            for r in (row_t, row_d):
-                if r["check"] is None:
-                    r["check"] = ("GPU only" if msg == "GPU only" else
-                                  f"failed: {type(exc).__name__}: {msg}")
-        finally:
-            if method == "posenc":
-                unpatch(net)
-            if undo is not None:
-                undo()
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    return rows
+                row_t["loss"] = first[method][0]
+            continue
+        if method not in first:
+            continue
+        loss, tokens = first[method]
+        row_t["loss"] = loss
+        if "unpatched" not in first or "unpatched" in failed:
+            continue
+        base_loss, base_tokens = first["unpatched"]
+        rel = abs(loss - base_loss) / max(1e-30, abs(base_loss))
+        row_t["check"] = "ok" if rel <= 1e-3 else f"MISMATCH loss {loss:.6f} vs {base_loss:.6f}"
+        row_t["loss_rel_diff"] = rel
+        same = float((tokens == base_tokens).float().mean())
+        row_d["check"] = "ok" if same == 1.0 else f"{same:.0%} of greedy tokens as unpatched"
+        row_t["x_unpatched"] = round(row_t["ms"] / base_t["ms"], 3)
+        row_d["x_unpatched"] = round(row_d["ms"] / base_d["ms"], 3)
+    return [r for method in methods for r in rows[method]]
 
 
 def _format_e2e(rows: list[dict]) -> str:
@@ -746,9 +781,13 @@ def _format_e2e(rows: list[dict]) -> str:
     lines = [f"device: {head['device_name']} | torch {head['torch']} | posenc {head['posenc']} | "
              f"transformers {head.get('transformers')} | liger-kernel {head.get('liger_kernel')}",
              f"model: {head['model']} (random weights, vocab {head['vocab']}), {head['dtype']}, SDPA, eager"]
-    cols = ["workload", "method", "ms", "unit", "x_unpatched", "check"]
-    table = [[("-" if r.get(c) is None else (f"{r[c]:.2f}" if c == "ms" else str(r[c]))) for c in cols]
-             for r in rows]
+    cols = ["workload", "method", "ms", "unit", "x_unpatched", "rounds", "check"]
+
+    def cell(r, c):
+        if c == "rounds":
+            return " ".join(f"{v:.2f}" for v in r.get("ms_rounds") or []) or "-"
+        return "-" if r.get(c) is None else (f"{r[c]:.2f}" if c == "ms" else str(r[c]))
+    table = [[cell(r, c) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
     lines += [line(cols), line(["-" * w for w in widths])]

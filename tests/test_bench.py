@@ -23,6 +23,27 @@ def test_e2e_tiny_runs_and_checks_the_patched_model():
     json.dumps(rows, default=str)
 
 
+def test_e2e_methods_take_turns_and_report_the_median_round(monkeypatch):
+    order = []
+    real = bench._train_step_ms
+
+    def recording(model, *args):
+        order.append(_patched(model))
+        return real(model, *args)
+    monkeypatch.setattr(bench, "_train_step_ms", recording)
+    rows = bench.run_e2e("cpu", "e2e-tiny", methods=["unpatched", "posenc"], warmup=0, iters=1, repeats=1, rounds=3)
+    assert order == [False, True] * 3  # unpatched, posenc, unpatched, ...: turns, not one method's rounds in a row
+    for r in rows:
+        assert len(r["ms_rounds"]) == 3 and r["ms"] == sorted(r["ms_rounds"])[1]
+    with pytest.raises(ValueError, match="rounds"):
+        bench.run_e2e("cpu", "e2e-tiny", rounds=0)
+
+
+def _patched(model):
+    from posenc.hf import is_patched
+    return is_patched(model)
+
+
 def test_e2e_preset_refuses_mixing_with_cases():
     with pytest.raises(ValueError, match="whole model"):
         bench.run(device="cpu", shapes=["e2e-tiny", "tiny"])
